@@ -1,0 +1,43 @@
+"""Input validation shared by every op: clear errors that name the argument, before any launch."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_activation(name: str, t, ndim: int = 4, layout: str = "[N, C, H, W]") -> None:
+    """``t`` must be a floating-point tensor with ``ndim`` dimensions."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_same_shape_device_dtype(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two activations that combine element-wise: no broadcasting, one device, one dtype."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_b} must have the same shape as {name_a} (no broadcasting): "
+            f"{name_a} is {tuple(a.shape)}, {name_b} is {tuple(b.shape)}"
+        )
+    if a.device != b.device:
+        raise ValueError(f"{name_b} must be on {name_a}'s device {a.device}, got {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_b} must have {name_a}'s dtype {a.dtype}, got {b.dtype}")
+
+
+def check_per_channel(name: str, t, channels: int, device: torch.device, allow_scalar: bool) -> None:
+    """A parameter with one value per channel (or a single value when ``allow_scalar``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    ok = (t.dim() == 1 and t.shape[0] == channels) or (allow_scalar and t.numel() == 1 and t.dim() <= 1)
+    if not ok:
+        expected = f"shape ({channels},)" + (", () or (1,)" if allow_scalar else "")
+        raise ValueError(f"{name} must have {expected} for {channels} channels, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the activations' device {device}, got {t.device}")

@@ -1,0 +1,75 @@
+"""Activation functions and their derivatives as Triton jit functions, selected by a constexpr id.
+
+Kernels compute ``act(z)`` in the forward and ``act'(z)`` in the backward from a recomputed
+pre-activation ``z`` (nothing but the input and fp32 statistics is saved). The ids are the
+values of :data:`fusedskip.activations.ACTIVATION_IDS`.
+"""
+import triton
+import triton.language as tl
+
+IDENTITY = tl.constexpr(0)
+RELU = tl.constexpr(1)
+LEAKY_RELU = tl.constexpr(2)
+SILU = tl.constexpr(3)
+GELU = tl.constexpr(4)       # exact: x·Φ(x) with erf
+GELU_TANH = tl.constexpr(5)  # tanh approximation, nn.GELU(approximate="tanh")
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_TANH_C = 0.044715
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through the sigmoid keeps to core tl ops (libdevice paths moved between Triton versions).
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def activation(z, ACT: tl.constexpr, slope):
+    """act(z) for the activation ``ACT``; ``slope`` is LeakyReLU's negative slope."""
+    if ACT == RELU:
+        return tl.where(z > 0, z, 0.0)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, z, z * slope)
+    elif ACT == SILU:
+        return z * tl.sigmoid(z)
+    elif ACT == GELU:
+        return 0.5 * z * (1.0 + tl.erf(z * _SQRT1_2))
+    elif ACT == GELU_TANH:
+        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
+    else:
+        return z
+
+
+@triton.jit
+def activation_grad(z, ACT: tl.constexpr, slope):
+    """d act(z) / dz, matching PyTorch's conventions (ReLU'(0) = 0, LeakyReLU'(0) = slope)."""
+    if ACT == RELU:
+        return tl.where(z > 0, 1.0, 0.0)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, 1.0, slope)
+    elif ACT == SILU:
+        sig = tl.sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+    elif ACT == GELU:
+        cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
+        return cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == GELU_TANH:
+        inner = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)
+        t = _tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+    else:
+        return z * 0.0 + 1.0
+
+
+@triton.jit
+def welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s merge of two (mean, M2, count) partial statistics; empty partials are safe."""
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1e-30), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * w_b
+    m2 = m2_a + m2_b + delta * delta * n_a * w_b
+    return mean, m2, n
