@@ -1,7 +1,12 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Version bounds admit what pip resolves today and what the GPU machines carry
 # (torch 2.11, triton 3.6, torchvision 0.26).
+TRAIN = ["torchvision>=0.21", "scikit-learn>=1.3", "scikit-image>=0.22", "torchmetrics>=1.0",
+         "tqdm>=4.60", "matplotlib>=3.7"]
+TEST = TRAIN + ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6.100"]
+EXTRAS = {"train": TRAIN, "test": TEST}
+
 setup(
     name="fusedskip",
     version="0.1.0",
@@ -9,10 +14,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fusedskip", "fusedskip.ops", "fusedskip.kernels"],
+    packages=find_packages(include=["fusedskip", "fusedskip.*"]) + ["fusedskip.kernels"],
     package_dir={"fusedskip.kernels": "kernels"},
     install_requires=["torch>=2.6", "triton>=3.2", "numpy>=1.24"],
-    extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6.100", "torchvision>=0.21"],
-    },
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["fusedskip=fusedskip.cli:main"]},
 )
