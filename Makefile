@@ -22,7 +22,7 @@ check: $(VENV)/.installed-train
 	$(VENV)/bin/fusedskip check
 
 bench: $(VENV)/.installed-test
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -4,8 +4,11 @@ from setuptools import find_packages, setup
 # (torch 2.11, triton 3.6, torchvision 0.26).
 TRAIN = ["torchvision>=0.21", "scikit-learn>=1.3", "scikit-image>=0.22", "torchmetrics>=1.0",
          "tqdm>=4.60", "matplotlib>=3.7"]
-TEST = TRAIN + ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6.100"]
-EXTRAS = {"train": TRAIN, "test": TEST}
+# The U-Net libraries fusedskip.convert is tested against (users need none of them to convert).
+UNET_LIBRARIES = ["timm>=1.0,<2", "segmentation-models-pytorch>=0.6,<0.7", "monai>=1.6,<1.7", "diffusers>=0.42,<0.43"]
+TEST = TRAIN + UNET_LIBRARIES + ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6.100"]
+BENCH = ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60"]
+EXTRAS = {"train": TRAIN, "test": TEST, "bench": BENCH}
 
 setup(
     name="fusedskip",

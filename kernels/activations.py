@@ -14,10 +14,12 @@ SILU = tl.constexpr(3)
 GELU = tl.constexpr(4)       # exact: x·Φ(x) with erf
 GELU_TANH = tl.constexpr(5)  # tanh approximation, nn.GELU(approximate="tanh")
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_TANH_C = 0.044715
+# Globals read inside @triton.jit functions must be tl.constexpr: the compiler rejects plain
+# Python floats (the interpreter does not, so only a GPU compile catches it).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -30,7 +32,7 @@ def _tanh(x):
 def activation(z, ACT: tl.constexpr, slope):
     """act(z) for the activation ``ACT``; ``slope`` is LeakyReLU's negative slope."""
     if ACT == RELU:
-        return tl.where(z > 0, z, 0.0)
+        return tl.where(z < 0, 0.0, z)  # NaN propagates, as F.relu
     elif ACT == LEAKY_RELU:
         return tl.where(z > 0, z, z * slope)
     elif ACT == SILU:
@@ -38,7 +40,9 @@ def activation(z, ACT: tl.constexpr, slope):
     elif ACT == GELU:
         return 0.5 * z * (1.0 + tl.erf(z * _SQRT1_2))
     elif ACT == GELU_TANH:
-        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
+        # Tensor operands first: under the interpreter `constexpr * tensor` wraps the tensor in a
+        # constexpr (tensor * constexpr is fine in both modes).
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI))
     else:
         return z
 
@@ -57,9 +61,9 @@ def activation_grad(z, ACT: tl.constexpr, slope):
         cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
         return cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     elif ACT == GELU_TANH:
-        inner = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)
+        inner = (z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI  # tensor first (see activation)
         t = _tanh(inner)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z * z * (3.0 * _GELU_TANH_C))
     else:
         return z * 0.0 + 1.0
 

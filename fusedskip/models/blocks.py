@@ -155,9 +155,13 @@ def make_fuse(fusion: str, channels: int, gate: Union[str, float], gate_init: Op
             raise ValueError("fusion 'gated_norm_act' needs fusedskip.ops.skip_norm_act (SkipNormAct), "
                              "which this installation lacks")
         norm = normalise_norm(norm) or "group"
-        kwargs = dict(norm=norm, act=act, gate=gate)
-        if norm == "group":
-            kwargs["num_groups"] = group_count(channels, num_groups)
+        kwargs = dict(act=act, gate=gate, gate_init=gate_init)
+        if negative_slope is not None:
+            kwargs["negative_slope"] = negative_slope
+        if norm == "batch":
+            kwargs["norm"] = "batch"
+        else:  # group norm; instance norm = one channel per group
+            kwargs.update(norm="group", num_groups=channels if norm == "instance" else group_count(channels, num_groups))
         return cls(channels, **kwargs)
     raise ValueError(f"fusion must be one of ('gated', 'gated_norm_act', 'concat'), got {fusion!r}")
 

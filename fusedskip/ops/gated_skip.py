@@ -223,12 +223,16 @@ class GatedSkip(nn.Module):
         finally:
             self.gate_value, self.gate_scale = previous
 
-    def forward(self, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def forward_gate(self, up: torch.Tensor) -> Union[float, torch.Tensor]:
+        """The gate for a forward on ``up``, after the checks every user of this gate needs."""
         if self.training and (self.gate_value is not None or self.gate_scale is not None):
             raise RuntimeError("GatedSkip gate override is for inference: call .eval() first or clear it")
         if self.channels is not None and isinstance(up, torch.Tensor) and up.dim() == 4 and up.shape[1] != self.channels:
             raise ValueError(f"up must have {self.channels} channels for this GatedSkip, got {up.shape[1]}")
-        return gated_skip_add(up, skip, self.gate())
+        return self.gate()
+
+    def forward(self, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return gated_skip_add(up, skip, self.forward_gate(up))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, gate={self.kind if self.kind != 'fixed' else self.fixed_value}"

@@ -1,0 +1,477 @@
+"""Fused BatchNorm2d + activation ``y = act(BN(x))``, optionally on a gated skip sum
+``x = up + a·skip`` that is recomputed in every pass and never materialised.
+
+Side by side here: the reference PyTorch path (F.batch_norm + activation), the torch.library
+ops that launch the Triton kernels (``fusedskip/kernels/batch_norm_act.py``), the autograd
+Function, the functional :func:`batch_norm_act` and the module :class:`BatchNormAct2d`.
+Cross-rank synchronisation (SyncBatchNorm semantics) lives in :mod:`fusedskip.distributed`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from .. import backend
+from .._checks import check_activation, check_per_channel, check_same_shape_device_dtype
+from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
+from ..kernels import batch_norm_act as kernels
+from .gated_skip import GateArg, _gate_tensor
+
+ActArg = Union[str, None, nn.Module]
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation/statistics dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 (gradcheck)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _values_per_channel(x: torch.Tensor) -> int:
+    n, _, h, w = x.shape
+    return n * h * w
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (shared with fusedskip.distributed): clear errors before any launch.
+# --------------------------------------------------------------------------------------------
+def _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act, negative_slope,
+              skip, gate, num_batches_tracked, single_value_check: bool = True
+              ) -> Tuple[str, float, Optional[torch.Tensor]]:
+    """Check every argument; return (activation name, slope, gate as a 1-D acc-dtype tensor or None).
+
+    ``single_value_check``: raise torch's error for one value per channel in training (off for
+    synchronised batch norm, where only the count summed over ranks matters)."""
+    check_activation("x", x)
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            check_per_channel(name, t, channels, x.device, allow_scalar=False)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False "
+                         "(eval mode normalises with the running statistics)")
+    if not isinstance(eps, (float, int)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
+    elif not isinstance(momentum, (float, int)) or isinstance(momentum, bool) or not math.isfinite(momentum):
+        raise ValueError(f"momentum must be a finite float or None, got {momentum!r}")
+    if num_batches_tracked is not None and (not isinstance(num_batches_tracked, torch.Tensor)
+                                            or num_batches_tracked.numel() != 1):
+        raise ValueError("num_batches_tracked must be a one-element tensor")
+    name, slope = resolve_activation(act, negative_slope)
+    gate_t = None
+    if skip is not None:
+        check_activation("skip", skip)
+        check_same_shape_device_dtype("x", x, "skip", skip)
+        gate_t = _gate_tensor(1.0 if gate is None else gate, x)
+    elif gate is not None:
+        raise ValueError("gate is only meaningful with skip (x = up + gate·skip)")
+    if training and single_value_check and _values_per_channel(x) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    return name, slope, gate_t
+
+
+def _momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[torch.Tensor]) -> float:
+    """The running-average factor torch uses: momentum, or 1/num_batches_tracked (momentum=None)."""
+    if momentum is not None:
+        return float(momentum)
+    return 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Reference path: plain PyTorch, differentiated by autograd.
+# --------------------------------------------------------------------------------------------
+def batch_norm_act_reference(
+    x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
+    momentum: Optional[float] = 0.1, eps: float = 1e-5, act: ActArg = "relu",
+    negative_slope: Optional[float] = None, skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
+    *, num_batches_tracked: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``act(F.batch_norm(x))`` computed in fp32 (fp64 for fp64 input), returned in x's dtype.
+
+    Same arguments and semantics as :func:`batch_norm_act`; running statistics (any float
+    dtype) are updated in place exactly as ``F.batch_norm`` does.
+    """
+    name, slope, gate_t = _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act,
+                                    negative_slope, skip, gate, num_batches_tracked)
+    acc = _acc_dtype(x)
+    xa = x.to(acc)
+    if skip is not None:
+        xa = xa + gate_t.reshape(1, -1, 1, 1) * skip.to(acc)
+    # In training F.batch_norm updates copies that are written back: autograd then never saves the
+    # caller's buffers, which may be updated again in place before backward.
+    rm = running_mean.to(acc, copy=training) if running_mean is not None else None
+    rv = running_var.to(acc, copy=training) if running_var is not None else None
+    y = F.batch_norm(xa, rm, rv, None if weight is None else weight.to(acc), None if bias is None else bias.to(acc),
+                     training, _momentum_factor(momentum, num_batches_tracked), eps)
+    if training and running_mean is not None and rm is not running_mean:
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+    return apply_activation_reference(y, name, slope).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops around the kernel launches: opaque to torch.compile (fake implementations
+# give shapes and layouts). Running statistics are declared as mutated, so compiled graphs see
+# the in-place update.
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fusedskip::batch_norm_act_stats", mutates_args=("running_mean", "running_var"))
+def batch_norm_act_stats(
+    x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernels.batch_norm_stats(x, skip, gate, running_mean, running_var, num_batches_tracked, momentum, eps)
+
+
+@batch_norm_act_stats.register_fake
+def _(x, skip, gate, running_mean, running_var, num_batches_tracked, momentum, eps):
+    c = x.shape[1]
+    acc = _acc_dtype(x)
+    return (x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc))
+
+
+@torch.library.custom_op("fusedskip::batch_norm_act_merge_stats", mutates_args=("running_mean", "running_var"))
+def batch_norm_act_merge_stats(
+    counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor,
+    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return kernels.batch_norm_merge_stats(counts, means, m2s, running_mean, running_var, num_batches_tracked,
+                                          momentum, eps)
+
+
+@batch_norm_act_merge_stats.register_fake
+def _(counts, means, m2s, running_mean, running_var, num_batches_tracked, momentum, eps):
+    c = means.shape[1]
+    return means.new_empty(c), means.new_empty(c)
+
+
+@torch.library.custom_op("fusedskip::batch_norm_act_apply", mutates_args=())
+def batch_norm_act_apply(
+    x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor], mean: torch.Tensor,
+    scale_src: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    from_var: bool, eps: float, act: int, slope: float,
+) -> torch.Tensor:
+    return kernels.batch_norm_apply(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope)
+
+
+@batch_norm_act_apply.register_fake
+def _(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope):
+    return torch.empty_like(x, memory_format=torch.preserve_format)
+
+
+@torch.library.custom_op("fusedskip::batch_norm_act_backward_reduce", mutates_args=())
+def batch_norm_act_backward_reduce(
+    grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+    mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    act: int, slope: float, gate_sums: bool,
+) -> torch.Tensor:
+    return kernels.batch_norm_backward_reduce(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums)
+
+
+@batch_norm_act_backward_reduce.register_fake
+def _(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums):
+    return x.new_empty((5 if gate_sums else 2, x.shape[1]), dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op("fusedskip::batch_norm_act_backward_dx", mutates_args=())
+def batch_norm_act_backward_dx(
+    grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+    mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    sums: torch.Tensor, inv_count: float, training: bool, act: int, slope: float, need_dx: bool, need_dskip: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    dx, dskip = kernels.batch_norm_backward_dx(grad, x, skip, gate, mean, rstd, weight, bias, sums, inv_count,
+                                               training, act, slope, need_dx, need_dskip)
+    # Gradients not asked for come back as empty tensors (custom ops cannot return None).
+    return (dx if dx is not None else x.new_empty(0), dskip if dskip is not None else x.new_empty(0))
+
+
+@batch_norm_act_backward_dx.register_fake
+def _(grad, x, skip, gate, mean, rstd, weight, bias, sums, inv_count, training, act, slope, need_dx, need_dskip):
+    dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else x.new_empty(0)
+    dskip = torch.empty_like(skip, memory_format=torch.preserve_format) if need_dskip else x.new_empty(0)
+    return dx, dskip
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """Autograd Function of the fused op (Triton kernels).
+
+    Forward (training): batch statistics (optionally merged across ranks by ``sync``, an object
+    from :mod:`fusedskip.distributed` with ``gather_stats`` and ``all_reduce_``), running-stat
+    update, then ``act((x − mean)·rstd·γ + β)``. Eval: the running statistics.
+    Saved for backward: the input(s), γ, β and the per-channel statistics only.
+
+    Backward, with dy' = dy·act'(z), x̂ = (x − mean)·rstd and M values per channel:
+    dβ = Σ dy', dγ = Σ dy'·x̂ (local sums: DDP reduces parameter gradients),
+    dx = γ·rstd·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) with the sums all-reduced under sync (training),
+    dx = γ·rstd·dy' (eval); with a skip: d_up = dx, d_skip = a·dx, d_a = Σ dx·skip.
+    """
+
+    @staticmethod
+    def forward(ctx, x, skip, gate, weight, bias, running_mean, running_var, num_batches_tracked,
+                training: bool, momentum: float, eps: float, act: int, slope: float, sync=None):
+        count = _values_per_channel(x)
+        if training:
+            if sync is None:
+                mean, rstd, _ = torch.ops.fusedskip.batch_norm_act_stats(
+                    x, skip, gate, running_mean, running_var, num_batches_tracked, momentum, eps)
+            else:
+                local_mean, _, local_m2 = torch.ops.fusedskip.batch_norm_act_stats(
+                    x, skip, gate, None, None, None, 0.0, eps)
+                counts, means, m2s = sync.gather_stats(count, local_mean, local_m2)
+                count = int(counts.sum().item())  # one host sync, as torch's SyncBatchNorm has
+                if count == 1:
+                    raise ValueError("Expected more than 1 value per channel when training, got input size 1 "
+                                     "(summed over ranks)")
+                mean, rstd = torch.ops.fusedskip.batch_norm_act_merge_stats(
+                    counts, means, m2s, running_mean, running_var, num_batches_tracked, momentum, eps)
+            scale_src, from_var = rstd, False
+        else:
+            mean, scale_src, from_var = running_mean, running_var, True
+        out = torch.ops.fusedskip.batch_norm_act_apply(x, skip, gate, mean, scale_src, weight, bias, from_var,
+                                                       eps, act, slope)
+        ctx.save_for_backward(x, skip, gate, weight, bias, mean, scale_src)
+        ctx.training, ctx.eps, ctx.act, ctx.slope, ctx.sync, ctx.count = training, eps, act, slope, sync, count
+        return out
+
+    @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again: say so, don't go silent
+    def backward(ctx, grad):
+        x, skip, gate, weight, bias, mean, scale_src = ctx.saved_tensors
+        need_dx, need_dskip, need_dgate, need_dw, need_db = ctx.needs_input_grad[:5]
+        training, sync = ctx.training, ctx.sync
+        acc = _acc_dtype(x)
+        rstd = scale_src if training else torch.rsqrt(scale_src.to(acc) + ctx.eps)
+        sync_dx = training and sync is not None and (need_dx or need_dskip or need_dgate)
+        sums = global_sums = None
+        if training or need_dw or need_db or need_dgate:
+            sums = torch.ops.fusedskip.batch_norm_act_backward_reduce(
+                grad, x, skip, gate, mean, rstd, weight, bias, ctx.act, ctx.slope, bool(need_dgate))
+            global_sums = sums[:2]
+            if sync_dx:
+                global_sums = sync.all_reduce_(sums[:2].clone())
+        dx = dskip = dgate = None
+        if need_dx or need_dskip:
+            dx, dskip = torch.ops.fusedskip.batch_norm_act_backward_dx(
+                grad, x, skip, gate, mean, rstd, weight, bias,
+                global_sums if global_sums is not None else mean.new_zeros(2, x.shape[1]),
+                1.0 / max(ctx.count, 1), training, ctx.act, ctx.slope, bool(need_dx), bool(need_dskip))
+        if need_dgate:
+            k1 = rstd.to(acc) if weight is None else rstd.to(acc) * weight.to(acc)
+            per_channel = sums[2]
+            if training:
+                inv = 1.0 / max(ctx.count, 1)
+                per_channel = per_channel - global_sums[0] * inv * sums[3] - global_sums[1] * inv * sums[4]
+            per_channel = k1 * per_channel
+            dgate = per_channel.sum().reshape(gate.shape) if gate.numel() == 1 else per_channel.reshape(gate.shape)
+        dw = sums[1].to(weight.dtype) if need_dw else None
+        db = sums[0].to(bias.dtype) if need_db else None
+        return (dx if need_dx else None, dskip if need_dskip else None, dgate, dw, db,
+                None, None, None, None, None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional
+# --------------------------------------------------------------------------------------------
+def batch_norm_act(
+    x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
+    momentum: Optional[float] = 0.1, eps: float = 1e-5, act: ActArg = "relu",
+    negative_slope: Optional[float] = None, skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
+    *, num_batches_tracked: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused batch norm + activation: ``y = act((x − μ_c)/√(σ²_c + eps)·γ_c + β_c)``.
+
+    Args:
+        x: ``[N, C, H, W]`` float16 / bfloat16 / float32 / float64, any strides (NCHW and
+            channels_last run without copies; the output keeps x's dense layout and dtype).
+            With ``skip``, ``x`` is the decoder tensor ``up`` and the op normalises
+            ``up + gate·skip`` without materialising it.
+        running_mean, running_var: per-channel buffers (any float dtype) or None. Updated in
+            place in training: ``r ← (1 − f)·r + f·batch_stat`` with the unbiased batch variance,
+            f = momentum (or 1/num_batches_tracked for ``momentum=None``), as F.batch_norm does.
+            An empty batch leaves them alone.
+        weight, bias: γ, β (C values, e.g. fp32 under autocast with fp16/bf16 x) or None.
+        training: normalise with batch statistics (True) or with the running ones (False).
+        momentum: float, or None for a cumulative moving average (pass num_batches_tracked,
+            already incremented for this batch, as nn.BatchNorm2d does).
+        eps: added to the variance.
+        act: ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``
+            (or None / a torch activation module); ``negative_slope`` for leaky_relu (0.01).
+        skip, gate: optional skip tensor (x's shape, dtype, device) and gate ``a`` (float, or a
+            tensor of 1 or C values; 1.0 by default).
+
+    Statistics are fp32 (fp64 for fp64 input), Welford/Chan-merged, deterministic.
+    Gradients (dy' = dy·act'(z), x̂ the normalised input, M = N·H·W): dβ = Σ dy', dγ = Σ dy'·x̂,
+    dx = γ·rstd·(dy' − mean(dy') − x̂·mean(dy'·x̂)) in training, γ·rstd·dy' in eval;
+    with a skip d_up = dx, d_skip = a·dx, d_a = Σ dx·skip.
+
+    Runs the Triton kernels or the reference path as :mod:`fusedskip.backend` decides. Raises
+    ``TypeError``/``ValueError`` for bad shapes, dtypes or devices, and torch's "Expected more
+    than 1 value per channel when training" error, before any launch.
+    """
+    name, slope, gate_t = _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act,
+                                    negative_slope, skip, gate, num_batches_tracked)
+    if not backend.use_triton(x):
+        return batch_norm_act_reference(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                        name, slope, skip, gate_t, num_batches_tracked=num_batches_tracked)
+    use_cma = momentum is None and training and running_mean is not None
+    return BatchNormActFunction.apply(
+        x, skip, gate_t, weight, bias, running_mean, running_var,
+        num_batches_tracked if use_cma else None, bool(training), 0.0 if momentum is None else float(momentum),
+        float(eps), ACTIVATION_IDS[name], float(slope), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------
+class BatchNormAct2d(nn.Module):
+    """BatchNorm2d fused with an activation: ``act(BN(x))``, or ``act(BN(up + a·skip))``.
+
+    Parameters and buffers carry exactly nn.BatchNorm2d's names (``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``num_batches_tracked``), so state_dicts load either way.
+    It deliberately does *not* subclass ``nn.BatchNorm2d``: torch's
+    ``SyncBatchNorm.convert_sync_batchnorm`` replaces every ``_BatchNorm`` subclass with a bare
+    SyncBatchNorm and would silently drop the activation. Use
+    :func:`fusedskip.convert_sync_batchnorm` to synchronise statistics across ranks (it sets
+    ``sync``/``process_group``); torch's converter leaves these modules alone.
+
+    Semantics follow nn.BatchNorm2d: batch statistics in training (and in eval when
+    ``track_running_stats=False``), running statistics otherwise; momentum ``None`` is a
+    cumulative average over ``num_batches_tracked``.
+
+    Args:
+        num_features: channels C.
+        eps, momentum, affine, track_running_stats: as nn.BatchNorm2d.
+        act: activation name or torch module (see :func:`batch_norm_act`); ``negative_slope``
+            for leaky_relu.
+    """
+
+    _version = 2  # nn.BatchNorm2d's state_dict version (num_batches_tracked present)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, act: ActArg = "relu", negative_slope: Optional[float] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.act_name, self.negative_slope = resolve_activation(act, negative_slope)
+        # Set by fusedskip.convert_sync_batchnorm (like nn.SyncBatchNorm's process_group).
+        self.sync = False
+        self.process_group = None
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # As nn.BatchNorm2d: checkpoints from before version 2 have no num_batches_tracked.
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = (self.num_batches_tracked if self.num_batches_tracked is not None
+                                   and self.num_batches_tracked.device != torch.device("meta")
+                                   else torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _sync_needed(self, bn_training: bool) -> bool:
+        if not (self.sync and bn_training and self.training):
+            return False
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        return dist.get_world_size(self.process_group or dist.group.WORLD) > 1
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
+                *, input_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``act(BN(x))``, or ``act(BN(x + gate·skip))`` with ``skip``.
+
+        ``input_bias`` (C values, used by ConvNormAct for a conv bias that the norm absorbs):
+        behave exactly as if the input were ``x + input_bias[c]``. Batch statistics cancel it, so
+        it only enters the running mean (training) and the running-statistics normalisation
+        (eval); it receives no gradient.
+        """
+        check_activation("x", x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"x must have {self.num_features} channels for this BatchNormAct2d, got {x.shape[1]}")
+        nbt = None
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            nbt = self.num_batches_tracked if self.momentum is None else None
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        if input_bias is not None:
+            check_per_channel("input_bias", input_bias, self.num_features, x.device, allow_scalar=False)
+            input_bias = input_bias.detach()
+            if not bn_training:  # normalise x + b with running mean μ  ⇔  normalise x with μ − b
+                running_mean = running_mean - input_bias.to(running_mean.dtype)
+        if self._sync_needed(bn_training):
+            from ..distributed import sync_batch_norm_act
+            out = sync_batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training,
+                                      self.momentum, self.eps, self.act_name, self.negative_slope, skip, gate,
+                                      num_batches_tracked=nbt, process_group=self.process_group)
+        else:
+            out = batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum,
+                                 self.eps, self.act_name, self.negative_slope, skip, gate, num_batches_tracked=nbt)
+        if input_bias is not None and bn_training and running_mean is not None and x.numel() > 0:
+            # The batch mean of x + b is mean(x) + b: add the factor's share of b to the running mean.
+            with torch.no_grad():
+                if self.momentum is None:
+                    running_mean.add_(input_bias.to(running_mean.dtype) / self.num_batches_tracked)
+                else:
+                    running_mean.add_(input_bias.to(running_mean.dtype), alpha=self.momentum)
+        return out
+
+    @property
+    def act(self) -> str:
+        return self.act_name
+
+    def extra_repr(self) -> str:
+        act = self.act_name + (f"({self.negative_slope})" if self.act_name == "leaky_relu" else "")
+        sync = f", sync=True, process_group={self.process_group}" if self.sync else ""
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, act={act}{sync}")
