@@ -44,6 +44,7 @@ from .ops.skip_norm_act import SkipNormAct  # noqa: E402
 from .ops.conv_norm_act import ConvNormAct  # noqa: E402
 from .distributed import convert_sync_batchnorm, revert_sync_batchnorm, sync_batch_norm_act  # noqa: E402
 from . import mtl  # noqa: E402
+from .models import AddUNet, ConcatUNet, build_model  # noqa: E402
 from .conversion import ConversionReport, FusedIdentity, convert, unconvert  # noqa: E402
 from .mtl import available_methods, make_mtl_method  # noqa: E402
 
@@ -52,6 +53,6 @@ __all__ = [
     "GroupNormAct", "GroupNormActFunction", "InstanceNormAct2d", "group_norm_act", "group_norm_act_reference",
     "BatchNormAct2d", "BatchNormActFunction", "batch_norm_act", "batch_norm_act_reference",
     "ConvNormAct", "convert_sync_batchnorm", "revert_sync_batchnorm", "sync_batch_norm_act",
-    "SkipNormAct", "mtl", "convert", "unconvert", "ConversionReport", "FusedIdentity", "available_methods", "make_mtl_method",
+    "SkipNormAct", "AddUNet", "ConcatUNet", "build_model", "mtl", "convert", "unconvert", "ConversionReport", "FusedIdentity", "available_methods", "make_mtl_method",
     "get_backend", "set_backend", "use_backend",
 ]

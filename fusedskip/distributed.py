@@ -30,10 +30,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backend
-from .activations import ACTIVATION_IDS, apply_activation_reference
-from .ops.batch_norm_act import (ActArg, BatchNormAct2d, BatchNormActFunction, _acc_dtype, _momentum_factor,
-                                 _validate, batch_norm_act)
-from .ops.gated_skip import GateArg
+from .activations import apply_activation_reference
+from .ops.batch_norm_act import (ActArg, BatchNormAct2d, _batch_norm_act_triton, _momentum_factor, _validate,
+                                 batch_norm_act)
+from .ops.gated_skip import GateArg, _gated_sum_acc
 
 __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm", "sync_batch_norm_act", "merge_stats"]
 
@@ -155,14 +155,9 @@ def sync_batch_norm_act(
                               skip, gate, num_batches_tracked=num_batches_tracked)
     sync = _SyncGroup(process_group)
     if backend.use_triton(x):
-        use_cma = momentum is None and running_mean is not None
-        return BatchNormActFunction.apply(
-            x, skip, gate_t, weight, bias, running_mean, running_var, num_batches_tracked if use_cma else None,
-            True, 0.0 if momentum is None else float(momentum), float(eps), ACTIVATION_IDS[name], float(slope), sync)
-    acc = _acc_dtype(x)
-    xa = x.to(acc)
-    if skip is not None:
-        xa = xa + gate_t.reshape(1, -1, 1, 1) * skip.to(acc)
+        return _batch_norm_act_triton(x, running_mean, running_var, weight, bias, True, momentum, eps, name, slope,
+                                      skip, gate_t, num_batches_tracked, sync)
+    xa = _gated_sum_acc(x, skip, gate_t)
     y = _SyncBatchNormReference.apply(xa, weight, bias, running_mean, running_var,
                                       _momentum_factor(momentum, num_batches_tracked), float(eps), sync)
     return apply_activation_reference(y, name, slope).to(x.dtype)

@@ -37,19 +37,21 @@ def _inputs(shape, device, dtype, *means, seed=0):
              for m in means]
 
 
-def _module_case(name, shape, build: Callable[[], nn.Module], n_inputs: int, means=(0.5, -1.0)):
+def _module_case(name, shape, build: Callable[[], nn.Module], n_inputs: int, cast_params: bool,
+                 means=(0.5, -1.0)):
+    """A module case. Norm modules keep fp32 parameters with low-precision input (as under AMP);
+    ``cast_params`` modules (convolutions) take the input's dtype, as torch's conv requires."""
     def make(dtype, device):
         torch.manual_seed(0)
         module = build().to(device)
-        if dtype != torch.float32:
-            module = module.to(dtype) if dtype == torch.float64 else module  # fp32 params with low-precision input (AMP style)
-        tensors = _inputs(shape, device, dtype, *means[:n_inputs])
-        return module, tensors, module
+        if dtype == torch.float64 or cast_params:
+            module = module.to(dtype)
+        return module, _inputs(shape, device, dtype, *means[:n_inputs]), module
     return OpCase(name, shape, make)
 
 
 def default_cases(small: bool) -> List[OpCase]:
-    """The ops to check; ops whose modules are not importable in this build are listed as missing."""
+    """Every fused op, at a small (CPU interpreter) or U-Net-sized (GPU) shape."""
     import fusedskip
 
     shape = (2, 8, 12, 12) if small else (8, 64, 64, 64)
@@ -61,16 +63,15 @@ def default_cases(small: bool) -> List[OpCase]:
                lambda dtype, device: _gated_skip_case(shape, dtype, device,
                                                       fusedskip.GatedSkip(channels, gate="sigmoid_channel"))),
     ]
-    optional = [
-        ("GroupNormAct (silu)", "GroupNormAct", lambda m: m(4, channels, act="silu"), 1),
-        ("BatchNormAct2d train (relu)", "BatchNormAct2d", lambda m: m(channels, act="relu"), 1),
-        ("SkipNormAct group (silu)", "SkipNormAct", lambda m: m(channels, norm="group", num_groups=4, act="silu"), 2),
-        ("ConvNormAct batch (relu)", "ConvNormAct", lambda m: m(channels, channels, 3, norm="batch", act="relu"), 1),
+    modules = [
+        ("GroupNormAct (silu)", lambda: fusedskip.GroupNormAct(4, channels, act="silu"), 1, False),
+        ("BatchNormAct2d train (relu)", lambda: fusedskip.BatchNormAct2d(channels, act="relu"), 1, False),
+        ("SkipNormAct group (silu)", lambda: fusedskip.SkipNormAct(channels, norm="group", num_groups=4, act="silu"), 2, False),
+        ("SkipNormAct batch (relu)", lambda: fusedskip.SkipNormAct(channels, norm="batch", act="relu"), 2, False),
+        ("ConvNormAct batch (relu)", lambda: fusedskip.ConvNormAct(channels, channels, 3, norm="batch", act="relu"), 1, True),
+        ("ConvNormAct group (gelu)", lambda: fusedskip.ConvNormAct(channels, channels, 3, norm="group", num_groups=4, act="gelu"), 1, True),
     ]
-    for label, attr, build, n_inputs in optional:
-        cls = getattr(fusedskip, attr, None)
-        if cls is not None:
-            cases.append(_module_case(label, shape, lambda cls=cls, build=build: build(cls), n_inputs))
+    cases += [_module_case(label, shape, build, n_inputs, cast) for label, build, n_inputs, cast in modules]
     return cases
 
 

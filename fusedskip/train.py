@@ -1046,6 +1046,8 @@ def build_train_parser(prog: str = "fusedskip train") -> argparse.ArgumentParser
     g.add_argument("--variant", default="paper", choices=("paper", "hierarchical"))
     g.add_argument("--fusion", default="gated", choices=("gated", "gated_norm_act"),
                    help="skip fusion of AddUNet (concat-unet always concatenates)")
+    g.add_argument("--fusion-norm", choices=("group", "batch", "instance"),
+                   help="norm of --fusion gated_norm_act (default: --norm)")
     g.add_argument("--width", type=int, default=32)
     g.add_argument("--depth", type=int, default=4)
     g.add_argument("--kernel-size", type=int, nargs="+", default=[3], help="one value or one per level")
@@ -1117,6 +1119,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                  num_groups=args.num_groups, act=args.act, last_act=not args.no_last_act, gate=gate,
                  gate_init=args.gate_init, residual=args.residual, classifier_hidden=args.classifier_hidden,
                  width_mult=args.width_mult, max_width=args.max_width, down=args.down, up=args.up)
+    if args.fusion_norm:
+        model["fusion_norm"] = args.fusion_norm
     if args.model == "concat-unet":
         model.pop("fusion")
     return make_config({

@@ -29,30 +29,33 @@ Backward (saved: the input(s) and fp32 mean/rstd; z and act'(z) are recomputed),
      eval; d_up = dx, d_skip = a·dx. The gate gradient Σ dx·skip follows from the pass-1 sums
      without another pass: γ·rstd·(Σdy'·skip − Σdy'/M·Σskip − Σ(dy'·x̂)/M·Σx̂·skip).
 
-Scalars (eps, slope, momentum, 1/M) travel as fp32 (hi, lo) pairs cast in-kernel to the
-accumulation dtype and added: in fp32 that is hi (a Python float cast to fp32, never promoted to
-fp64 arithmetic), in fp64 (gradcheck) the host double to ~2⁻⁴⁸ (Triton passes floats as fp32).
+Scalars (eps, slope, momentum, 1/M) travel as fp32 (hi, lo) pairs rebuilt in-kernel in the
+accumulation dtype (``common.acc_scalar``): in fp32 that is hi (never promoted to fp64
+arithmetic), in fp64 (gradcheck) hi + lo, the host double to ~2⁻⁴⁸ (Triton passes floats as fp32).
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .activations import IDENTITY, activation, activation_grad, welford_combine
-from .launch import (autotune, device_guard, empty_like_layout, merged_spatial_stride, needs_int64,
-                     next_power_of_2, spatial_strides_mergeable, target_programs)
+from .common import acc_scalar, load_affine, row_program, tile_program
+from .launch import (FIXED_TILE, TILE_SHAPES, acc_dtype, all_spatial_mergeable, autotune, channels_inner,
+                     device_guard, empty_like_layout, finalize_blocks, kernel_strides, merged_spatial_stride,
+                     needs_int64, reduction_tile, split_fp64, target_programs, tile_configs, tile_grid,
+                     vector_stride)
 
 
 # --------------------------------------------------------------------------------------------
 # jit helpers
 # --------------------------------------------------------------------------------------------
-# Helpers are inlined where they run per program or per tile: under Triton's interpreter every
-# nested jit call costs milliseconds. Per-channel offsets (c·stride_c) are hoisted out of loops.
+# Program prologues come from kernels/common.py (once per program); code that runs per tile is
+# written inline: under Triton's interpreter every nested jit call costs ~0.5 ms. Per-channel
+# offsets (c·stride_c) are hoisted out of loops.
 @triton.jit
 def _merge_rows(mean, m2, n):
     """Chan's merge of the rows (axis 0) of [R, BLOCK_C] partial (mean, M2, count) in one step:
@@ -80,14 +83,8 @@ def _bn_stats_kernel(
     HAS_SKIP: tl.constexpr, MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0)  # this program's row of the partial buffers
-    pid_c = tl.program_id(1)
-    if INT64:
-        row = row.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
+    row, c, c_mask = row_program(C, BLOCK_C, INT64)  # row: this program's row of the partial buffers
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
     x_c = (c * x_sc)[None, :]
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)[None, :]
@@ -155,7 +152,7 @@ def _bn_finalize_kernel(
         pn = tl.load(count_part_ptr + off, mask=mask, other=0.0).to(acc_ty)
         bm, bm2, bn = _merge_rows(pm, pm2, pn)
         mean, m2, n = welford_combine(mean, m2, n, bm, bm2, bn)
-    eps = tl.cast(eps_hi, acc_ty) + tl.cast(eps_lo, acc_ty)  # fp32: hi; fp64: the host double
+    eps = acc_scalar(eps_hi, eps_lo, ACC_FP64)
     var = m2 / tl.maximum(n, 1.0)
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + c, mean, mask=c_mask)
@@ -165,7 +162,7 @@ def _bn_finalize_kernel(
         if USE_CMA:  # momentum=None: cumulative average, factor 1/num_batches_tracked (already incremented)
             factor = 1.0 / tl.load(nbt_ptr).to(acc_ty)
         else:
-            factor = tl.cast(momentum_hi, acc_ty) + tl.cast(momentum_lo, acc_ty)
+            factor = acc_scalar(momentum_hi, momentum_lo, ACC_FP64)
         unbiased = m2 / tl.maximum(n - 1.0, 1.0)
         upd = c_mask & (n > 0)  # torch leaves the running statistics alone for an empty batch
         rm = tl.load(running_mean_ptr + c, mask=upd, other=0.0)
@@ -179,18 +176,12 @@ def _bn_finalize_kernel(
 # --------------------------------------------------------------------------------------------
 # Forward: normalise + affine + activation
 # --------------------------------------------------------------------------------------------
-def _tile_configs():
-    # (BLOCK_S, BLOCK_C): tall tiles suit NCHW (s contiguous), wide ones channels_last (c contiguous).
-    shapes = [(1024, 1), (512, 2), (256, 4), (128, 8), (64, 16), (32, 32), (16, 64), (8, 128),
-              (2048, 1), (1024, 2), (32, 64), (16, 128)]
-    return [triton.Config({"BLOCK_S": bs, "BLOCK_C": bc}, num_warps=w) for bs, bc in shapes for w in (4, 8)]
+# The shared tile shapes and larger ones: the N·S merge makes long rows common.
+_TILE_SHAPES = TILE_SHAPES + ((2048, 1), (1024, 2), (32, 64), (16, 128))
 
 
-# Under the interpreter every program is a slow Python loop: few, large tiles.
-_FIXED = triton.Config({"BLOCK_S": 64, "BLOCK_C": 16})
-
-
-@autotune(configs=_tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "ACT"], fixed=_FIXED)
+@autotune(configs=tile_configs(_TILE_SHAPES), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "ACT"],
+          fixed=FIXED_TILE)
 @triton.jit
 def _bn_apply_kernel(
     x_ptr, skip_ptr, gate_ptr, out_ptr, mean_ptr, scale_src_ptr, w_ptr, b_ptr,
@@ -203,32 +194,16 @@ def _bn_apply_kernel(
     ACT: tl.constexpr, MERGED_HW: tl.constexpr, CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr,
     ACC_FP64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    if INT64:
-        pid = pid.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
+    n, s, c, c_mask, mask = tile_program(S, C, BLOCK_S, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    num_s_blocks = tl.cdiv(S, BLOCK_S)
-    n = pid // num_s_blocks
-    s = (pid % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mask = (s < S)[:, None] & c_mask[None, :]
 
-    # Per-channel affine: z = (x − mean)·scale + shift, scale = γ·rstd.
+    # Per-channel affine: z = (x − mean)·scale + shift, scale = γ·rstd, shift = β.
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(acc_ty)
     src = tl.load(scale_src_ptr + c, mask=c_mask, other=1.0).to(acc_ty)
     if FROM_VAR:  # eval: rstd from the running variance
-        scale = 1.0 / tl.sqrt(src + (tl.cast(eps_hi, acc_ty) + tl.cast(eps_lo, acc_ty)))
-    else:
-        scale = src
-    if HAS_WEIGHT:
-        scale = scale * tl.load(w_ptr + c, mask=c_mask, other=1.0).to(acc_ty)
-    if HAS_BIAS:
-        shift = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(acc_ty)
-    else:
-        shift = tl.zeros([BLOCK_C], dtype=acc_ty)
+        src = 1.0 / tl.sqrt(src + acc_scalar(eps_hi, eps_lo, ACC_FP64))
+    gam, shift = load_affine(w_ptr, b_ptr, c, c_mask, 1, 1, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+    scale = src * gam
 
     if MERGED_HW:
         x_s = s * x_sw
@@ -249,7 +224,7 @@ def _bn_apply_kernel(
         x += a[None, :] * k.to(acc_ty)
     # (x − mean)·scale + β, not x·scale + (β − mean·scale): no cancellation when |mean| ≫ std.
     z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
-    y = activation(z, ACT, tl.cast(slope_hi, acc_ty) + tl.cast(slope_lo, acc_ty))
+    y = activation(z, ACT, acc_scalar(slope_hi, slope_lo, ACC_FP64))
     tl.store(out_ptr + (n * o_sn + o_s[:, None] + (c * o_sc)[None, :]), y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -268,26 +243,15 @@ def _bn_backward_reduce_kernel(
     ACT: tl.constexpr, MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    if INT64:
-        row = row.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
+    row, c, c_mask = row_program(C, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(acc_ty)[None, :]
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0).to(acc_ty)
     if ACT != IDENTITY:  # z is needed for act'(z) only
-        scale = rstd
-        if HAS_WEIGHT:
-            scale = scale * tl.load(w_ptr + c, mask=c_mask, other=1.0).to(acc_ty)
-        if HAS_BIAS:
-            shift = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(acc_ty)[None, :]
-        else:
-            shift = tl.zeros([1, BLOCK_C], dtype=acc_ty)
-        scale = scale[None, :]
-        slope = tl.cast(slope_hi, acc_ty) + tl.cast(slope_lo, acc_ty)
+        gam, shift = load_affine(w_ptr, b_ptr, c, c_mask, 1, 1, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+        scale = (rstd * gam)[None, :]
+        shift = shift[None, :]
+        slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
     x_c = (c * x_sc)[None, :]
     g_c = (c * g_sc)[None, :]
     if HAS_SKIP:
@@ -345,8 +309,8 @@ def _bn_backward_reduce_kernel(
         tl.store(partial_ptr + 4 * plane + off, tl.sum(acc_xs, axis=0) * rstd, mask=c_mask)
 
 
-@autotune(configs=_tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "ACT", "TRAINING"],
-          fixed=_FIXED)
+@autotune(configs=tile_configs(_TILE_SHAPES),
+          key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "ACT", "TRAINING"], fixed=FIXED_TILE)
 @triton.jit
 def _bn_backward_dx_kernel(
     grad_ptr, x_ptr, skip_ptr, gate_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr,
@@ -363,26 +327,13 @@ def _bn_backward_dx_kernel(
     CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    if INT64:
-        pid = pid.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
+    n, s, c, c_mask, mask = tile_program(S, C, BLOCK_S, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    num_s_blocks = tl.cdiv(S, BLOCK_S)
-    n = pid // num_s_blocks
-    s = (pid % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mask = (s < S)[:, None] & c_mask[None, :]
 
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(acc_ty)
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0).to(acc_ty)
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + c, mask=c_mask, other=1.0).to(acc_ty)
-        k1 = w * rstd
-    else:
-        k1 = rstd
+    gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, 1, 1, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+    k1 = gam * rstd
 
     if MERGED_HW:
         x_s = s * x_sw
@@ -406,15 +357,10 @@ def _bn_backward_dx_kernel(
     if ACT == IDENTITY:
         dyp = g
     else:
-        if HAS_WEIGHT:
-            z = xhat * w[None, :]
-        else:
-            z = xhat
-        if HAS_BIAS:
-            z += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(acc_ty)[None, :]
-        dyp = g * activation_grad(z, ACT, tl.cast(slope_hi, acc_ty) + tl.cast(slope_lo, acc_ty))
+        z = xhat * gam[None, :] + bet[None, :]
+        dyp = g * activation_grad(z, ACT, acc_scalar(slope_hi, slope_lo, ACC_FP64))
     if TRAINING:
-        inv_count = tl.cast(inv_count_hi, acc_ty) + tl.cast(inv_count_lo, acc_ty)
+        inv_count = acc_scalar(inv_count_hi, inv_count_lo, ACC_FP64)
         mdy = tl.load(sums_ptr + c, mask=c_mask, other=0.0).to(acc_ty) * inv_count
         mdyx = tl.load(sums_ptr + C + c, mask=c_mask, other=0.0).to(acc_ty) * inv_count
         dx = k1[None, :] * (dyp - mdy[None, :] - xhat * mdyx[None, :])
@@ -459,12 +405,6 @@ def reduction_config(rows: Optional[int] = None, block_s: Optional[int] = None,
         _REDUCTION_OVERRIDE.update(previous)
 
 
-def _split_double(value: float) -> Tuple[float, float]:
-    """(hi, lo) fp32 halves of a double (see the module docstring)."""
-    hi = float(np.float32(value))
-    return hi, float(np.float32(value - hi))
-
-
 class _Geometry:
     """How the kernels walk a group of same-shape [N, C, H, W] tensors: as [n, C, s] with strides."""
 
@@ -472,46 +412,28 @@ class _Geometry:
         n, c, h, w = shape
         s = h * w
         self.c, self.w = c, w
-        self.merged_hw = all(spatial_strides_mergeable(t) for t in tensors)
+        self.merged_hw = all_spatial_mergeable(tensors)
         self.merged_ns = self.merged_hw and (n == 1 or all(t.stride(0) == s * merged_spatial_stride(t)
                                                            for t in tensors))
         self.n, self.s = (1, n * s) if self.merged_ns else (n, s)
         self.int64 = needs_int64(*tensors)
 
     def strides(self, t: Optional[torch.Tensor]):
-        if t is None:
-            return (0, 0, 0, 0)
-        sn, sc, sh, sw = t.stride()
-        if self.merged_hw:
-            sw = merged_spatial_stride(t)
-        if self.merged_ns:
-            sn = 0
-        return (sn, sc, sh, sw)
-
-
-def _channels_inner(t: torch.Tensor) -> bool:
-    return t.stride(1) == 1 and t.shape[1] > 1
+        return kernel_strides(t, self.merged_hw, self.merged_ns)
 
 
 def _reduction_launch(x: torch.Tensor, geo: _Geometry):
     """Launch shape of a reduction kernel: (rows, tiles_per_prog, num_tiles, num_s_blocks, BLOCK_S,
     BLOCK_C, channel blocks, num_warps).
 
-    Tiles of ~2048 elements, wide along whichever axis is contiguous; the N'·S' tiles of each
-    channel block are split into ``rows`` contiguous ranges so that rows × channel blocks ≈ a few
-    waves of SMs (small C with large N·H·W would otherwise leave most SMs idle)."""
-    budget = 2048
-    c, s = geo.c, geo.s
-    if _channels_inner(x):  # channels contiguous: wide tiles along C
-        block_c = min(next_power_of_2(c), 64)
-        block_s = min(max(budget // block_c, 1), next_power_of_2(s))
-    else:
-        block_s = min(next_power_of_2(s), budget)
-        block_c = min(next_power_of_2(c), max(budget // block_s, 1))
+    Tiles of ~2048 elements (``launch.reduction_tile``, at most 64 channels wide); the N'·S' tiles
+    of each channel block are split into ``rows`` contiguous ranges so that rows × channel blocks
+    ≈ a few waves of SMs (small C with large N·H·W would otherwise leave most SMs idle)."""
+    block_s, block_c = reduction_tile(x, geo.s, max_block_c=64)
     block_s = _REDUCTION_OVERRIDE.get("block_s", block_s)
     block_c = _REDUCTION_OVERRIDE.get("block_c", block_c)
-    c_blocks = triton.cdiv(c, block_c)
-    num_s_blocks = triton.cdiv(s, block_s)
+    c_blocks = triton.cdiv(geo.c, block_c)
+    num_s_blocks = triton.cdiv(geo.s, block_s)
     num_tiles = geo.n * num_s_blocks
     rows = _REDUCTION_OVERRIDE.get("rows", triton.cdiv(target_programs(x), c_blocks))
     rows = max(1, min(rows, num_tiles))
@@ -521,33 +443,24 @@ def _reduction_launch(x: torch.Tensor, geo: _Geometry):
     return rows, tiles_per_prog, num_tiles, num_s_blocks, block_s, block_c, c_blocks, num_warps
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _gate_stride(gate: Optional[torch.Tensor]) -> int:
-    return 0 if gate is None or gate.numel() == 1 else gate.stride(0)
-
-
 def _finalize(mean_part, m2_part, count_part, eps, running_mean, running_var, num_batches_tracked,
-              momentum, acc_dtype):
+              momentum, acc):
     rows, c = mean_part.shape
     device = mean_part.device
-    mean = torch.empty(c, dtype=acc_dtype, device=device)
-    rstd = torch.empty(c, dtype=acc_dtype, device=device)
-    m2 = torch.empty(c, dtype=acc_dtype, device=device)
+    mean = torch.empty(c, dtype=acc, device=device)
+    rstd = torch.empty(c, dtype=acc, device=device)
+    m2 = torch.empty(c, dtype=acc, device=device)
     has_running = running_mean is not None
     use_cma = has_running and num_batches_tracked is not None
-    block_c = min(next_power_of_2(c), 128)
-    block_r = min(next_power_of_2(rows), max(2048 // block_c, 1))
+    block_r, block_c = finalize_blocks(rows, c)
     with device_guard(mean_part):
         _bn_finalize_kernel[(triton.cdiv(c, block_c),)](
             mean_part, m2_part, count_part, rows, c,
             mean, rstd, m2,
             running_mean if has_running else mean, running_var if has_running else mean,
             num_batches_tracked if use_cma else mean,
-            *_split_double(momentum), *_split_double(eps),
-            HAS_RUNNING=has_running, USE_CMA=use_cma, ACC_FP64=acc_dtype == torch.float64,
+            *split_fp64(momentum), *split_fp64(eps),
+            HAS_RUNNING=has_running, USE_CMA=use_cma, ACC_FP64=acc == torch.float64,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
         )
     return mean, rstd, m2
@@ -565,7 +478,7 @@ def batch_norm_stats(
     when ``num_batches_tracked`` is given). An empty input gives zeros and updates nothing.
     """
     n, c, h, w = x.shape
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     if x.numel() == 0:
         zeros = torch.zeros(c, dtype=acc, device=x.device)
         return zeros, torch.full_like(zeros, float(eps)).rsqrt(), zeros.clone()
@@ -580,7 +493,7 @@ def batch_norm_stats(
             x, skip if skip is not None else x, gate if gate is not None else mean_part,
             mean_part, m2_part, count_part,
             c, geo.s, geo.w, num_s_blocks, num_tiles, tpp,
-            *geo.strides(x), *geo.strides(skip), _gate_stride(gate),
+            *geo.strides(x), *geo.strides(skip), vector_stride(gate),
             HAS_SKIP=skip is not None, MERGED_HW=geo.merged_hw, INT64=geo.int64,
             ACC_FP64=acc == torch.float64, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps,
         )
@@ -615,19 +528,15 @@ def batch_norm_apply(
         return out
     tensors = [x, out] + ([skip] if skip is not None else [])
     geo = _Geometry(x.shape, tensors)
-
-    def grid(meta):
-        return (geo.n * triton.cdiv(geo.s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
-
     with device_guard(x):
-        _bn_apply_kernel[grid](
+        _bn_apply_kernel[tile_grid(geo.n, geo.s, c)](
             x, skip if skip is not None else x, gate if gate is not None else mean, out, mean, scale_src,
             weight if weight is not None else mean, bias if bias is not None else mean,
-            c, geo.s, geo.w, *_split_double(eps), *_split_double(slope),
-            *geo.strides(x), *geo.strides(skip), *geo.strides(out), _gate_stride(gate),
+            c, geo.s, geo.w, *split_fp64(eps), *split_fp64(slope),
+            *geo.strides(x), *geo.strides(skip), *geo.strides(out), vector_stride(gate),
             FROM_VAR=from_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SKIP=skip is not None, ACT=act, MERGED_HW=geo.merged_hw, CHANNELS_INNER=_channels_inner(x),
-            INT64=geo.int64, ACC_FP64=x.dtype == torch.float64,
+            HAS_SKIP=skip is not None, ACT=act, MERGED_HW=geo.merged_hw, CHANNELS_INNER=channels_inner(x),
+            INT64=geo.int64, ACC_FP64=acc_dtype(x) == torch.float64,
         )
     return out
 
@@ -641,7 +550,7 @@ def batch_norm_backward_reduce(
     Σdy'·skip, Σskip, Σx̂·skip; dy' = grad·act'(z). ``grad`` may have any strides."""
     n, c, h, w = x.shape
     k = 5 if gate_sums else 2
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     if x.numel() == 0:
         return torch.zeros((k, c), dtype=acc, device=x.device)
     tensors = [grad, x] + ([skip] if skip is not None else [])
@@ -658,8 +567,8 @@ def batch_norm_backward_reduce(
         _bn_backward_reduce_kernel[(rows, c_blocks)](
             grad, x, skip if skip is not None else x, gate if gate is not None else mean,
             mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, partial,
-            c, geo.s, geo.w, num_s_blocks, num_tiles, tpp, rows, *_split_double(slope),
-            *geo.strides(grad), *geo.strides(x), *geo.strides(skip), _gate_stride(gate),
+            c, geo.s, geo.w, num_s_blocks, num_tiles, tpp, rows, *split_fp64(slope),
+            *geo.strides(grad), *geo.strides(x), *geo.strides(skip), vector_stride(gate),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SKIP=skip is not None,
             GATE_SUMS=gate_sums, ACT=act, MERGED_HW=geo.merged_hw, INT64=geo.int64,
             ACC_FP64=acc == torch.float64, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps,
@@ -682,23 +591,19 @@ def batch_norm_backward_dx(
         return dx, dskip
     tensors = [grad, x] + [t for t in (skip, dx, dskip) if t is not None]
     geo = _Geometry(x.shape, tensors)
-
-    def grid(meta):
-        return (geo.n * triton.cdiv(geo.s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
-
     dummy = mean
     with device_guard(x):
-        _bn_backward_dx_kernel[grid](
+        _bn_backward_dx_kernel[tile_grid(geo.n, geo.s, c)](
             grad, x, skip if skip is not None else x, gate if gate is not None else dummy,
             mean, rstd, weight if weight is not None else dummy, bias if bias is not None else dummy,
             sums.contiguous(),
             dx if dx is not None else x, dskip if dskip is not None else x,
-            c, geo.s, geo.w, *_split_double(inv_count), *_split_double(slope),
+            c, geo.s, geo.w, *split_fp64(inv_count), *split_fp64(slope),
             *geo.strides(grad), *geo.strides(x), *geo.strides(skip), *geo.strides(dx), *geo.strides(dskip),
-            _gate_stride(gate),
+            vector_stride(gate),
             TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_SKIP=skip is not None, NEED_DX=need_dx, NEED_DSKIP=need_dskip, ACT=act,
-            MERGED_HW=geo.merged_hw, CHANNELS_INNER=_channels_inner(x), INT64=geo.int64,
-            ACC_FP64=x.dtype == torch.float64,
+            MERGED_HW=geo.merged_hw, CHANNELS_INNER=channels_inner(x), INT64=geo.int64,
+            ACC_FP64=acc_dtype(x) == torch.float64,
         )
     return dx, dskip

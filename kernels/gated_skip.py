@@ -18,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (autotune, device_guard, empty_like_layout, merged_spatial_stride, needs_int64,
-                     next_power_of_2, spatial_strides_mergeable, target_programs)
+from .common import chunk_program, tile_program
+from .launch import (FIXED_TILE, acc_dtype, all_spatial_mergeable, autotune, channels_inner, device_guard,
+                     empty_like_layout, gate_gradient, kernel_strides, needs_int64, reduce_plan, target_programs,
+                     tile_configs, tile_grid, vector_stride)
 
 
 @triton.jit
@@ -31,14 +33,7 @@ def spatial_offset(s, W, stride_h, stride_w, MERGED_HW: tl.constexpr):
         return (s // W) * stride_h + (s % W) * stride_w
 
 
-def _tile_configs():
-    # (BLOCK_S, BLOCK_C): tall tiles suit NCHW (s contiguous), wide ones channels_last (c contiguous).
-    shapes = [(1024, 1), (512, 2), (256, 4), (128, 8), (64, 16), (32, 32), (16, 64), (8, 128)]
-    return [triton.Config({"BLOCK_S": bs, "BLOCK_C": bc}, num_warps=w) for bs, bc in shapes for w in (4, 8)]
-
-
-@autotune(configs=_tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64"],
-          fixed=triton.Config({"BLOCK_S": 64, "BLOCK_C": 16}))
+@autotune(configs=tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64"], fixed=FIXED_TILE)
 @triton.jit
 def _gated_skip_forward_kernel(
     up_ptr, skip_ptr, gate_ptr, out_ptr,
@@ -50,18 +45,7 @@ def _gated_skip_forward_kernel(
     MERGED_HW: tl.constexpr, CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr,
     ACC_FP64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    if INT64:
-        pid = pid.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
-    num_s_blocks = tl.cdiv(S, BLOCK_S)
-    n = pid // num_s_blocks
-    s = (pid % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    s_mask = s < S
-    c_mask = c < C
-    mask = s_mask[:, None] & c_mask[None, :]
+    n, s, c, c_mask, mask = tile_program(S, C, BLOCK_S, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
 
     a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
@@ -86,15 +70,7 @@ def _gated_skip_backward_kernel(
     NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = n · num_s_progs + chunk: also this program's row of the partials
-    pid_c = tl.program_id(1)
-    if INT64:
-        pid = pid.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
-    n = pid // num_s_progs
-    s_begin = (pid % num_s_progs) * S_PER_PROG
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    row, n, s_begin, c, c_mask = chunk_program(C, num_s_progs, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
     acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
@@ -111,17 +87,7 @@ def _gated_skip_backward_kernel(
             k = tl.load(skip_ptr + k_off, mask=mask, other=0.0).to(acc_ty)
             acc += g * k
     if NEED_DGATE:
-        tl.store(partial_ptr + pid * C + c, tl.sum(acc, axis=0), mask=c_mask)
-
-
-def _strides(t: torch.Tensor, merged: bool):
-    """(n, c, h, w) strides as the kernels take them; w carries the merged stride when merged."""
-    sn, sc, sh, sw = t.stride()
-    return (sn, sc, sh, merged_spatial_stride(t) if merged else sw)
-
-
-def _acc_fp64(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float64
+        tl.store(partial_ptr + row * C + c, tl.sum(acc, axis=0), mask=c_mask)
 
 
 def gated_skip_forward(up: torch.Tensor, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -131,31 +97,17 @@ def gated_skip_forward(up: torch.Tensor, skip: torch.Tensor, gate: torch.Tensor)
     if out.numel() == 0:
         return out
     s = h * w
-    merged = all(spatial_strides_mergeable(t) for t in (up, skip, out))
-
-    def grid(meta):
-        return (n * triton.cdiv(s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
-
+    merged = all_spatial_mergeable((up, skip, out))
     with device_guard(up):
-        _gated_skip_forward_kernel[grid](
+        _gated_skip_forward_kernel[tile_grid(n, s, c)](
             up, skip, gate, out,
             c, s, w,
-            *_strides(up, merged), *_strides(skip, merged), *_strides(out, merged),
-            0 if gate.numel() == 1 else gate.stride(0),
-            MERGED_HW=merged, CHANNELS_INNER=up.stride(1) == 1 and c > 1,
-            INT64=needs_int64(up, skip, out), ACC_FP64=_acc_fp64(up),
+            *kernel_strides(up, merged), *kernel_strides(skip, merged), *kernel_strides(out, merged),
+            vector_stride(gate),
+            MERGED_HW=merged, CHANNELS_INNER=channels_inner(up),
+            INT64=needs_int64(up, skip, out), ACC_FP64=acc_dtype(up) == torch.float64,
         )
     return out
-
-
-def _backward_tile(t: torch.Tensor, c: int, s: int) -> Tuple[int, int]:
-    """(BLOCK_S, BLOCK_C) of about 2048 elements, wide along whichever axis is contiguous."""
-    tile = 2048
-    if t.stride(1) == 1 and c > 1:  # channels_last: channels contiguous
-        block_c = min(next_power_of_2(c), 128)
-        return max(tile // block_c, 1), block_c
-    block_s = min(next_power_of_2(s), tile)
-    return block_s, min(next_power_of_2(c), max(tile // block_s, 1))
 
 
 def gated_skip_backward(
@@ -167,7 +119,7 @@ def gated_skip_backward(
     """
     n, c, h, w = skip.shape
     s = h * w
-    acc_dtype = torch.float64 if _acc_fp64(skip) else torch.float32
+    acc = acc_dtype(skip)
     dskip = empty_like_layout(skip) if need_dskip else None
     if not (need_dskip or need_dgate):
         return None, None
@@ -175,30 +127,22 @@ def gated_skip_backward(
         dgate = torch.zeros_like(gate) if need_dgate else None
         return dskip, dgate
 
-    block_s, block_c = _backward_tile(skip, c, s)
-    c_blocks = triton.cdiv(c, block_c)
-    s_blocks = triton.cdiv(s, block_s)
-    # Split S over enough programs to fill the device; each writes one row of partials.
-    s_progs = max(1, min(s_blocks, triton.cdiv(target_programs(skip), n * c_blocks)))
-    s_per_prog = triton.cdiv(s_blocks, s_progs) * block_s
-    s_progs = triton.cdiv(s, s_per_prog)
-    partial = torch.empty((n * s_progs, c), dtype=acc_dtype, device=skip.device) if need_dgate else None
+    # S split over enough programs to fill the device; each writes one row of partials.
+    plan = reduce_plan(skip, target_programs(skip))
+    partial = torch.empty((n * plan.chunks, c), dtype=acc, device=skip.device) if need_dgate else None
 
     tensors = [grad, skip] + ([dskip] if need_dskip else [])
-    merged = all(spatial_strides_mergeable(t) for t in tensors)
+    merged = all_spatial_mergeable(tensors)
     dskip_arg = dskip if need_dskip else skip  # never written when NEED_DSKIP is off
     with device_guard(skip):
-        _gated_skip_backward_kernel[(n * s_progs, c_blocks)](
+        _gated_skip_backward_kernel[(n * plan.chunks, plan.c_blocks)](
             grad, skip, gate, dskip_arg, partial if need_dgate else gate,
-            c, s, w, s_progs, s_per_prog,
-            *_strides(grad, merged), *_strides(skip, merged), *_strides(dskip_arg, merged),
-            0 if gate.numel() == 1 else gate.stride(0),
-            MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=acc_dtype == torch.float64,
-            NEED_DSKIP=need_dskip, NEED_DGATE=need_dgate, BLOCK_S=block_s, BLOCK_C=block_c,
+            c, s, w, plan.chunks, plan.s_per_chunk,
+            *kernel_strides(grad, merged), *kernel_strides(skip, merged), *kernel_strides(dskip_arg, merged),
+            vector_stride(gate),
+            MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=acc == torch.float64,
+            NEED_DSKIP=need_dskip, NEED_DGATE=need_dgate, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
             num_warps=4,
         )
-    dgate = None
-    if need_dgate:
-        per_channel = partial.sum(dim=0)
-        dgate = per_channel.sum().reshape(gate.shape) if gate.numel() == 1 else per_channel.reshape(gate.shape)
+    dgate = gate_gradient(partial.sum(dim=0), gate) if need_dgate else None
     return dskip, dgate

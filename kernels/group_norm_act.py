@@ -35,7 +35,7 @@ fp32 work never sees fp64 scalars, fp64 work keeps ~48 bits of them.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,8 +44,10 @@ import triton.language as tl
 
 from . import launch
 from .activations import activation, activation_grad
-from .launch import (autotune, device_guard, empty_like_layout, merged_spatial_stride, needs_int64,
-                     next_power_of_2, spatial_strides_mergeable)
+from .common import acc_scalar, chunk_program, load_affine, tile_program
+from .launch import (FIXED_TILE, acc_dtype, all_spatial_mergeable, autotune, channels_inner, device_guard,
+                     empty_like_layout, finalize_blocks, gate_gradient, kernel_strides, needs_int64, split_fp64,
+                     tile_configs, tile_grid, vector_stride)
 
 # Elements per tile of the reduction passes (per-lane accumulators live in registers: 3 per
 # element for Welford, 2 for the backward sums). Tests shrink it to force many chunks.
@@ -53,9 +55,9 @@ REDUCE_TILE = 2048
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels. Loads, offsets and parameter vectors are written inline rather than through jit
-# helpers: under TRITON_INTERPRET=1 every helper call re-patches triton.language (~1 ms), which
-# would dominate the CPU tests; on the GPU both forms compile to the same code.
+# Kernels. Program prologues come from kernels/common.py; loads and offsets in the tile loops
+# are written inline rather than through jit helpers: under TRITON_INTERPRET=1 every helper
+# call costs ~0.5 ms, which per tile would dominate the CPU tests; compiled, both are the same.
 #
 # Spatial offsets: s = h·W + w. When every tensor's (H, W) merge (MERGED_HW), s_hi = 0 and
 # s_lo = s with the merged stride in the w slot; otherwise s_hi = h, s_lo = w (one div/mod per
@@ -85,15 +87,7 @@ def _group_norm_act_stats_kernel(
     HAS_SKIP: tl.constexpr, MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = n · num_chunks + chunk: also this program's row of the partials
-    pid_c = tl.program_id(1)
-    if INT64:
-        pid = pid.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
-    n = pid // num_chunks
-    s_begin = (pid % num_chunks) * S_PER_PROG
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
@@ -126,8 +120,8 @@ def _group_norm_act_stats_kernel(
         mean += tl.where(mask, delta * inv_step, 0.0)
         m2 += tl.where(mask, delta * (h - mean), 0.0)
     mean_c, m2_c, _ = _merge_lanes(mean, m2, cnt, 0)
-    tl.store(pmean_ptr + pid * C + c, mean_c, mask=c_mask)
-    tl.store(pm2_ptr + pid * C + c, m2_c, mask=c_mask)
+    tl.store(pmean_ptr + row * C + c, mean_c, mask=c_mask)
+    tl.store(pm2_ptr + row * C + c, m2_c, mask=c_mask)
 
 
 @triton.jit
@@ -140,10 +134,7 @@ def _group_norm_stats_finalize_kernel(
     n = pid // G
     g = pid % G
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    if ACC_FP64:
-        eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
-    else:
-        eps = tl.cast(eps_hi, tl.float32)
+    eps = acc_scalar(eps_hi, eps_lo, ACC_FP64)
     # Chan's merge of the chunks × C/G partials of group (n, g) in two passes over them (they
     # are few: KBs): μ = Σ nᵢμᵢ / Σ nᵢ, then M2 = Σ M2ᵢ + Σ nᵢ(μᵢ − μ)². Fixed order: deterministic.
     acc_n = tl.zeros([BLOCK_K, BLOCK_CG], dtype=acc_ty)
@@ -183,14 +174,7 @@ def _group_norm_stats_finalize_kernel(
     tl.store(rstd_ptr + pid, rstd)
 
 
-def _apply_configs():
-    # (BLOCK_S, BLOCK_C): tall tiles suit NCHW (s contiguous), wide ones channels_last (c contiguous).
-    shapes = [(1024, 1), (512, 2), (256, 4), (128, 8), (64, 16), (32, 32), (16, 64), (8, 128)]
-    return [triton.Config({"BLOCK_S": bs, "BLOCK_C": bc}, num_warps=w) for bs, bc in shapes for w in (4, 8)]
-
-
-@autotune(configs=_apply_configs(), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP"],
-          fixed=triton.Config({"BLOCK_S": 64, "BLOCK_C": 16}))
+@autotune(configs=tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP"], fixed=FIXED_TILE)
 @triton.jit
 def _group_norm_act_apply_kernel(
     x_ptr, skip_ptr, gate_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr,
@@ -203,35 +187,15 @@ def _group_norm_act_apply_kernel(
     MERGED_HW: tl.constexpr, CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    if INT64:
-        pid = pid.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
-    num_s_blocks = tl.cdiv(S, BLOCK_S)
-    n = pid // num_s_blocks
-    s = (pid % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mask = (s < S)[:, None] & c_mask[None, :]
+    n, s, c, c_mask, mask = tile_program(S, C, BLOCK_S, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    if ACC_FP64:
-        slope = tl.cast(slope_hi, tl.float64) + tl.cast(slope_lo, tl.float64)
-    else:
-        slope = tl.cast(slope_hi, tl.float32)
+    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
 
     # Per-column statistics gathered by group (a [BLOCK_C] gather: cached, negligible).
     grp = c // CG
     mu = tl.load(mean_ptr + n * G + grp, mask=c_mask, other=0.0)
     r = tl.load(rstd_ptr + n * G + grp, mask=c_mask, other=0.0)
-    if HAS_WEIGHT:
-        gam = tl.load(w_ptr + c * w_sc, mask=c_mask, other=0.0).to(acc_ty)
-    else:
-        gam = tl.full([BLOCK_C], 1.0, acc_ty)
-    if HAS_BIAS:
-        bet = tl.load(b_ptr + c * b_sc, mask=c_mask, other=0.0).to(acc_ty)
-    else:
-        bet = tl.zeros([BLOCK_C], dtype=acc_ty)
+    gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
 
     if MERGED_HW:
         s_hi = s * 0
@@ -269,31 +233,13 @@ def _group_norm_act_backward_reduce_kernel(
     MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = n · num_chunks + chunk: this program's row of the partials
-    pid_c = tl.program_id(1)
-    if INT64:
-        pid = pid.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
-    n = pid // num_chunks
-    s_begin = (pid % num_chunks) * S_PER_PROG
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    if ACC_FP64:
-        slope = tl.cast(slope_hi, tl.float64) + tl.cast(slope_lo, tl.float64)
-    else:
-        slope = tl.cast(slope_hi, tl.float32)
+    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
     grp = c // CG
     mu = tl.load(mean_ptr + n * G + grp, mask=c_mask, other=0.0)
     r = tl.load(rstd_ptr + n * G + grp, mask=c_mask, other=0.0)
-    if HAS_WEIGHT:
-        gam = tl.load(w_ptr + c * w_sc, mask=c_mask, other=0.0).to(acc_ty)
-    else:
-        gam = tl.full([BLOCK_C], 1.0, acc_ty)
-    if HAS_BIAS:
-        bet = tl.load(b_ptr + c * b_sc, mask=c_mask, other=0.0).to(acc_ty)
-    else:
-        bet = tl.zeros([BLOCK_C], dtype=acc_ty)
+    gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
     x_base = n * x_sn + c[None, :] * x_sc
@@ -321,8 +267,8 @@ def _group_norm_act_backward_reduce_kernel(
         dz = dy * activation_grad(z, ACT, slope)  # masked lanes: dy = 0
         acc_dz += dz
         acc_dzx += dz * xhat
-    tl.store(psum_dz_ptr + pid * C + c, tl.sum(acc_dz, axis=0), mask=c_mask)
-    tl.store(psum_dzx_ptr + pid * C + c, tl.sum(acc_dzx, axis=0), mask=c_mask)
+    tl.store(psum_dz_ptr + row * C + c, tl.sum(acc_dz, axis=0), mask=c_mask)
+    tl.store(psum_dzx_ptr + row * C + c, tl.sum(acc_dzx, axis=0), mask=c_mask)
 
 
 @triton.jit
@@ -380,33 +326,15 @@ def _group_norm_act_backward_dx_kernel(
     NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = n · num_chunks + chunk: this program's row of the gate partials
-    pid_c = tl.program_id(1)
-    if INT64:
-        pid = pid.to(tl.int64)
-        pid_c = pid_c.to(tl.int64)
-    n = pid // num_chunks
-    s_begin = (pid % num_chunks) * S_PER_PROG
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    if ACC_FP64:
-        slope = tl.cast(slope_hi, tl.float64) + tl.cast(slope_lo, tl.float64)
-    else:
-        slope = tl.cast(slope_hi, tl.float32)
+    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
     grp = c // CG
     mu = tl.load(mean_ptr + n * G + grp, mask=c_mask, other=0.0)
     r = tl.load(rstd_ptr + n * G + grp, mask=c_mask, other=0.0)
     m1 = tl.load(m1_ptr + n * G + grp, mask=c_mask, other=0.0)
     m2 = tl.load(m2_ptr + n * G + grp, mask=c_mask, other=0.0)
-    if HAS_WEIGHT:
-        gam = tl.load(w_ptr + c * w_sc, mask=c_mask, other=0.0).to(acc_ty)
-    else:
-        gam = tl.full([BLOCK_C], 1.0, acc_ty)
-    if HAS_BIAS:
-        bet = tl.load(b_ptr + c * b_sc, mask=c_mask, other=0.0).to(acc_ty)
-    else:
-        bet = tl.zeros([BLOCK_C], dtype=acc_ty)
+    gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
     x_base = n * x_sn + c[None, :] * x_sc
@@ -443,72 +371,16 @@ def _group_norm_act_backward_dx_kernel(
         if NEED_DGATE:
             acc_gate += dh * k  # masked lanes: k = 0
     if NEED_DGATE:
-        tl.store(pgate_ptr + pid * C + c, tl.sum(acc_gate, axis=0), mask=c_mask)
+        tl.store(pgate_ptr + row * C + c, tl.sum(acc_gate, axis=0), mask=c_mask)
 
 
 # --------------------------------------------------------------------------------------------
 # Host-side launchers (no validation: fusedskip.ops.group_norm_act does that before any launch)
 # --------------------------------------------------------------------------------------------
-class ReducePlan(NamedTuple):
-    """How a reduction pass tiles [N, C, S]: grid (N · chunks, c_blocks), each program looping
-    over ``s_per_chunk`` spatial positions (a multiple of ``block_s``) of ``block_c`` channels."""
-    block_s: int
-    block_c: int
-    c_blocks: int
-    chunks: int
-    s_per_chunk: int
-
-
-def reduce_plan(t: torch.Tensor) -> ReducePlan:
-    """Tile and S-split of the reduction passes for a [N, C, H, W] tensor.
-
-    Tiles hold ~REDUCE_TILE elements, wide along the contiguous axis. S is split into as many
-    chunks as it takes for N · chunks · c_blocks to reach ``launch.target_programs`` (the split
-    reduction for small N·G); ``chunks == 1`` when the grid is already large enough.
-    """
-    n, c, h, w = t.shape
-    s = h * w
-    tile = max(int(REDUCE_TILE), 1)
-    if t.stride(1) == 1 and c > 1:  # channels_last: channels contiguous
-        block_c = min(next_power_of_2(c), 128, tile)
-        block_s = min(max(tile // block_c, 1), next_power_of_2(s))
-    else:
-        block_s = min(next_power_of_2(s), tile)
-        block_c = min(next_power_of_2(c), max(tile // block_s, 1))
-    c_blocks = triton.cdiv(c, block_c)
-    s_blocks = triton.cdiv(max(s, 1), block_s)
-    chunks = max(1, min(s_blocks, triton.cdiv(launch.target_programs(t), max(n * c_blocks, 1))))
-    s_per_chunk = triton.cdiv(s_blocks, chunks) * block_s
-    chunks = triton.cdiv(max(s, 1), s_per_chunk)  # no empty chunks
-    return ReducePlan(block_s, block_c, c_blocks, chunks, s_per_chunk)
-
-
-def _strides(t: torch.Tensor, merged: bool):
-    """(n, c, h, w) strides as the kernels take them; w carries the merged stride when merged."""
-    sn, sc, sh, sw = t.stride()
-    return (sn, sc, sh, merged_spatial_stride(t) if merged else sw)
-
-
-def _split_scalar(value: float) -> Tuple[float, float]:
-    """A float as an fp32 (hi, lo) pair: hi exact in fp32, hi + lo ≈ value to ~48 bits."""
-    hi = float(np.float32(value))
-    return hi, float(value) - hi
-
-
-def _vec_stride(t: Optional[torch.Tensor]) -> int:
-    if t is None or t.numel() <= 1:
-        return 0
-    return t.stride(0)
-
-
-def _finalize_blocks(chunks: int, cg: int) -> Tuple[int, int]:
-    block_cg = min(next_power_of_2(cg), 128)
-    block_k = min(next_power_of_2(chunks), max(2048 // block_cg, 1))
-    return block_k, block_cg
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def reduce_plan(t: torch.Tensor) -> launch.ReducePlan:
+    """Tile and S-split of the reduction passes for a [N, C, H, W] tensor (``launch.reduce_plan``
+    with tiles of ~REDUCE_TILE elements): ``chunks > 1`` is the split reduction for small N·G."""
+    return launch.reduce_plan(t, launch.target_programs(t), REDUCE_TILE)
 
 
 def group_norm_act_forward(
@@ -521,7 +393,7 @@ def group_norm_act_forward(
     n, c, hh, ww = x.shape
     s = hh * ww
     g = num_groups
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     y = empty_like_layout(x)
     if x.numel() == 0:
         mean = torch.zeros((n, g), dtype=acc, device=x.device)
@@ -531,7 +403,7 @@ def group_norm_act_forward(
     skip_arg = skip if has_skip else x
     gate_arg = gate if has_skip else x
     tensors = [x, y] + ([skip] if has_skip else [])
-    merged = all(spatial_strides_mergeable(t) for t in tensors)
+    merged = all_spatial_mergeable(tensors)
     int64 = needs_int64(*tensors)
     acc_fp64 = acc == torch.float64
     plan = reduce_plan(x)
@@ -539,35 +411,29 @@ def group_norm_act_forward(
     pm2 = torch.empty((n * plan.chunks, c), dtype=acc, device=x.device)
     mean = torch.empty((n, g), dtype=acc, device=x.device)
     rstd = torch.empty((n, g), dtype=acc, device=x.device)
-    block_k, block_cg = _finalize_blocks(plan.chunks, c // g)
-    eps_hi, eps_lo = _split_scalar(eps)
-    slope_hi, slope_lo = _split_scalar(slope)
-
-    def grid(meta):
-        return (n * triton.cdiv(s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
-
+    block_k, block_cg = finalize_blocks(plan.chunks, c // g)
     with device_guard(x):
         _group_norm_act_stats_kernel[(n * plan.chunks, plan.c_blocks)](
             x, skip_arg, gate_arg, pmean, pm2,
             c, s, ww, plan.chunks, plan.s_per_chunk,
-            *_strides(x, merged), *_strides(skip_arg, merged), _vec_stride(gate),
+            *kernel_strides(x, merged), *kernel_strides(skip_arg, merged), vector_stride(gate),
             HAS_SKIP=has_skip, MERGED_HW=merged, INT64=int64, ACC_FP64=acc_fp64,
             BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=4,
         )
         _group_norm_stats_finalize_kernel[(n * g,)](
             pmean, pm2, mean, rstd,
-            c, g, c // g, s, plan.chunks, plan.s_per_chunk, eps_hi, eps_lo,
+            c, g, c // g, s, plan.chunks, plan.s_per_chunk, *split_fp64(eps),
             ACC_FP64=acc_fp64, BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=4,
         )
-        _group_norm_act_apply_kernel[grid](
+        _group_norm_act_apply_kernel[tile_grid(n, s, c)](
             x, skip_arg, gate_arg,
             weight if weight is not None else x, bias if bias is not None else x,
             mean, rstd, y,
-            c, s, ww, g, c // g, slope_hi, slope_lo,
-            *_strides(x, merged), *_strides(skip_arg, merged), *_strides(y, merged),
-            _vec_stride(gate), _vec_stride(weight), _vec_stride(bias),
+            c, s, ww, g, c // g, *split_fp64(slope),
+            *kernel_strides(x, merged), *kernel_strides(skip_arg, merged), *kernel_strides(y, merged),
+            vector_stride(gate), vector_stride(weight), vector_stride(bias),
             HAS_SKIP=has_skip, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_id,
-            MERGED_HW=merged, CHANNELS_INNER=x.stride(1) == 1 and c > 1, INT64=int64, ACC_FP64=acc_fp64,
+            MERGED_HW=merged, CHANNELS_INNER=channels_inner(x), INT64=int64, ACC_FP64=acc_fp64,
         )
     return y, mean, rstd
 
@@ -591,7 +457,7 @@ def group_norm_act_backward(
     n, c, hh, ww = x.shape
     s = hh * ww
     g = num_groups
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     dx = empty_like_layout(x) if need_dx else None
     dskip = empty_like_layout(skip) if need_dskip else None
     if x.numel() == 0:
@@ -607,11 +473,11 @@ def group_norm_act_backward(
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
     tensors = [grad, x] + ([skip] if has_skip else []) + ([dx] if need_dx else []) + ([dskip] if need_dskip else [])
-    merged = all(spatial_strides_mergeable(t) for t in tensors)
+    merged = all_spatial_mergeable(tensors)
     int64 = needs_int64(*tensors)
     acc_fp64 = acc == torch.float64
     plan = reduce_plan(x)
-    slope_hi, slope_lo = _split_scalar(slope)
+    slope_hi, slope_lo = split_fp64(slope)
     common = dict(HAS_SKIP=has_skip, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_id,
                   MERGED_HW=merged, INT64=int64, ACC_FP64=acc_fp64,
                   BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=4)
@@ -620,7 +486,7 @@ def group_norm_act_backward(
     sums = torch.empty((2, n, c), dtype=acc, device=x.device)  # [Σ dz, Σ dz·x̂] per (n, c)
     m1 = torch.empty((n, g), dtype=acc, device=x.device)
     m2 = torch.empty((n, g), dtype=acc, device=x.device)
-    block_k, block_cg = _finalize_blocks(plan.chunks, c // g)
+    block_k, block_cg = finalize_blocks(plan.chunks, c // g)
     need_dh = need_dx or need_dskip or need_dgate
     pgate = torch.empty((n * plan.chunks, c), dtype=acc, device=x.device) if need_dgate else None
 
@@ -628,13 +494,13 @@ def group_norm_act_backward(
         _group_norm_act_backward_reduce_kernel[(n * plan.chunks, plan.c_blocks)](
             grad, x, skip_arg, gate_arg, w_arg, b_arg, mean, rstd, psum_dz, psum_dzx,
             c, s, ww, g, c // g, plan.chunks, plan.s_per_chunk, slope_hi, slope_lo,
-            *_strides(grad, merged), *_strides(x, merged), *_strides(skip_arg, merged),
-            _vec_stride(gate), _vec_stride(weight), _vec_stride(bias),
+            *kernel_strides(grad, merged), *kernel_strides(x, merged), *kernel_strides(skip_arg, merged),
+            vector_stride(gate), vector_stride(weight), vector_stride(bias),
             **common,
         )
         _group_norm_act_backward_finalize_kernel[(n * g,)](
             psum_dz, psum_dzx, w_arg, sums, m1, m2,
-            n, c, g, c // g, s, plan.chunks, _vec_stride(weight),
+            n, c, g, c // g, s, plan.chunks, vector_stride(weight),
             HAS_WEIGHT=weight is not None, ACC_FP64=acc_fp64, BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=4,
         )
         if need_dh:
@@ -644,9 +510,9 @@ def group_norm_act_backward(
                 grad, x, skip_arg, gate_arg, w_arg, b_arg, mean, rstd, m1, m2,
                 dx_arg, dskip_arg, pgate if need_dgate else psum_dz,
                 c, s, ww, g, c // g, plan.chunks, plan.s_per_chunk, slope_hi, slope_lo,
-                *_strides(grad, merged), *_strides(x, merged), *_strides(skip_arg, merged),
-                *_strides(dx_arg, merged), *_strides(dskip_arg, merged),
-                _vec_stride(gate), _vec_stride(weight), _vec_stride(bias),
+                *kernel_strides(grad, merged), *kernel_strides(x, merged), *kernel_strides(skip_arg, merged),
+                *kernel_strides(dx_arg, merged), *kernel_strides(dskip_arg, merged),
+                vector_stride(gate), vector_stride(weight), vector_stride(bias),
                 NEED_DX=need_dx, NEED_DSKIP=need_dskip, NEED_DGATE=need_dgate,
                 **common,
             )
@@ -657,6 +523,5 @@ def group_norm_act_backward(
         dbias = sums[0].sum(dim=0).to(bias.dtype) if need_dbias else None
         dweight = sums[1].sum(dim=0).to(weight.dtype) if need_dweight else None
     if need_dgate:
-        per_channel = pgate.sum(dim=0)
-        dgate = (per_channel.sum().reshape(gate.shape) if gate.numel() == 1 else per_channel.reshape(gate.shape)).to(gate.dtype)
+        dgate = gate_gradient(pgate.sum(dim=0), gate)
     return dx, dskip, dgate, dweight, dbias

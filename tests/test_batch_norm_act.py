@@ -448,3 +448,25 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-4000:]
+
+
+@pytest.mark.parametrize("training", (True, False))
+def test_strided_parameters_and_statistics(triton_backend, training):
+    """γ, β and the running statistics given as strided views (every other element)."""
+    c = 6
+    x = make_input((3, c, 4, 5), mean=1.5)
+    weight = (torch.rand(2 * c, dtype=torch.float64) + 0.5).float()[::2]
+    bias = torch.randn(2 * c)[::2]
+    rm_fused, rv_fused = torch.randn(2 * c)[::2], (torch.rand(2 * c) + 0.5)[::2]
+    rm_ref, rv_ref = rm_fused.clone(), rv_fused.clone()
+    y = batch_norm_act(x, rm_fused, rv_fused, weight, bias, training=training, act="silu")
+    expected = torch.nn.functional.silu(torch.nn.functional.batch_norm(
+        x.double(), rm_ref.double(), rv_ref.double(), weight.double(), bias.double(), training=training))
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    if training:  # F.batch_norm updated the fp64 copies, not rm_ref: recompute the update
+        mean = x.double().mean((0, 2, 3))
+        var = x.double().var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(rm_fused.double(), 0.9 * rm_ref.double() + 0.1 * mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rv_fused.double(), 0.9 * rv_ref.double() + 0.1 * var, atol=1e-6, rtol=1e-5)
+    else:
+        torch.testing.assert_close(rm_fused, rm_ref)

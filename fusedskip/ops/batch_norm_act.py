@@ -17,17 +17,13 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .. import backend
-from .._checks import check_activation, check_per_channel, check_same_shape_device_dtype
+from .._checks import check_activation, check_per_channel
 from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
 from ..kernels import batch_norm_act as kernels
-from .gated_skip import GateArg, _gate_tensor
+from ..kernels.launch import acc_dtype, gate_gradient
+from .gated_skip import GateArg, _gated_sum_acc, _skip_gate_tensor
 
 ActArg = Union[str, None, nn.Module]
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """Accumulation/statistics dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 (gradcheck)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _values_per_channel(x: torch.Tensor) -> int:
@@ -66,13 +62,7 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
                                             or num_batches_tracked.numel() != 1):
         raise ValueError("num_batches_tracked must be a one-element tensor")
     name, slope = resolve_activation(act, negative_slope)
-    gate_t = None
-    if skip is not None:
-        check_activation("skip", skip)
-        check_same_shape_device_dtype("x", x, "skip", skip)
-        gate_t = _gate_tensor(1.0 if gate is None else gate, x)
-    elif gate is not None:
-        raise ValueError("gate is only meaningful with skip (x = up + gate·skip)")
+    gate_t = _skip_gate_tensor(x, skip, gate)
     if training and single_value_check and _values_per_channel(x) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     return name, slope, gate_t
@@ -102,10 +92,8 @@ def batch_norm_act_reference(
     """
     name, slope, gate_t = _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act,
                                     negative_slope, skip, gate, num_batches_tracked)
-    acc = _acc_dtype(x)
-    xa = x.to(acc)
-    if skip is not None:
-        xa = xa + gate_t.reshape(1, -1, 1, 1) * skip.to(acc)
+    acc = acc_dtype(x)
+    xa = _gated_sum_acc(x, skip, gate_t)
     # In training F.batch_norm updates copies that are written back: autograd then never saves the
     # caller's buffers, which may be updated again in place before backward.
     rm = running_mean.to(acc, copy=training) if running_mean is not None else None
@@ -136,7 +124,7 @@ def batch_norm_act_stats(
 @batch_norm_act_stats.register_fake
 def _(x, skip, gate, running_mean, running_var, num_batches_tracked, momentum, eps):
     c = x.shape[1]
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     return (x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc))
 
 
@@ -181,7 +169,7 @@ def batch_norm_act_backward_reduce(
 
 @batch_norm_act_backward_reduce.register_fake
 def _(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums):
-    return x.new_empty((5 if gate_sums else 2, x.shape[1]), dtype=_acc_dtype(x))
+    return x.new_empty((5 if gate_sums else 2, x.shape[1]), dtype=acc_dtype(x))
 
 
 @torch.library.custom_op("fusedskip::batch_norm_act_backward_dx", mutates_args=())
@@ -250,7 +238,7 @@ class BatchNormActFunction(torch.autograd.Function):
         x, skip, gate, weight, bias, mean, scale_src = ctx.saved_tensors
         need_dx, need_dskip, need_dgate, need_dw, need_db = ctx.needs_input_grad[:5]
         training, sync = ctx.training, ctx.sync
-        acc = _acc_dtype(x)
+        acc = acc_dtype(x)
         rstd = scale_src if training else torch.rsqrt(scale_src.to(acc) + ctx.eps)
         sync_dx = training and sync is not None and (need_dx or need_dskip or need_dgate)
         sums = global_sums = None
@@ -272,8 +260,7 @@ class BatchNormActFunction(torch.autograd.Function):
             if training:
                 inv = 1.0 / max(ctx.count, 1)
                 per_channel = per_channel - global_sums[0] * inv * sums[3] - global_sums[1] * inv * sums[4]
-            per_channel = k1 * per_channel
-            dgate = per_channel.sum().reshape(gate.shape) if gate.numel() == 1 else per_channel.reshape(gate.shape)
+            dgate = gate_gradient(k1 * per_channel, gate)
         dw = sums[1].to(weight.dtype) if need_dw else None
         db = sums[0].to(bias.dtype) if need_db else None
         return (dx if need_dx else None, dskip if need_dskip else None, dgate, dw, db,
@@ -325,11 +312,31 @@ def batch_norm_act(
     if not backend.use_triton(x):
         return batch_norm_act_reference(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                         name, slope, skip, gate_t, num_batches_tracked=num_batches_tracked)
+    return _batch_norm_act_triton(x, running_mean, running_var, weight, bias, training, momentum, eps, name, slope,
+                                  skip, gate_t, num_batches_tracked)
+
+
+def _batch_norm_act_triton(x, running_mean, running_var, weight, bias, training: bool, momentum: Optional[float],
+                           eps: float, name: str, slope: float, skip, gate_t, num_batches_tracked, sync=None):
+    """The Triton path of :func:`batch_norm_act` on validated arguments (``gate_t`` from
+    :func:`_validate`); ``sync`` merges the batch statistics across ranks (fusedskip.distributed)."""
     use_cma = momentum is None and training and running_mean is not None
-    return BatchNormActFunction.apply(
-        x, skip, gate_t, weight, bias, running_mean, running_var,
+    # The kernels index the C-element parameter and statistics vectors densely: strided views
+    # (e.g. weight[::2]) go through a contiguous copy; updated statistics are copied back.
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    rm, rv = running_mean, running_var
+    strided_stats = rm is not None and not (rm.is_contiguous() and rv.is_contiguous())
+    if strided_stats:
+        rm, rv = rm.contiguous(), rv.contiguous()
+    out = BatchNormActFunction.apply(
+        x, skip, gate_t, weight, bias, rm, rv,
         num_batches_tracked if use_cma else None, bool(training), 0.0 if momentum is None else float(momentum),
-        float(eps), ACTIVATION_IDS[name], float(slope), None)
+        float(eps), ACTIVATION_IDS[name], float(slope), sync)
+    if strided_stats and training:
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

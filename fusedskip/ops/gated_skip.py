@@ -16,23 +16,30 @@ from torch import nn
 from .. import backend
 from .._checks import check_activation, check_per_channel, check_same_shape_device_dtype
 from ..kernels import gated_skip as kernels
+from ..kernels.launch import acc_dtype
 
 GateArg = Union[float, int, torch.Tensor]
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 (gradcheck)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
 # Reference path: plain PyTorch, differentiated by autograd.
 # --------------------------------------------------------------------------------------------
+def _gated_sum_acc(up: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[GateArg]) -> torch.Tensor:
+    """``up + gate ⊙ skip`` computed with PyTorch ops in the accumulation dtype (fp32, fp64 for fp64
+    inputs); ``up`` alone without a skip. Also the input of the norms' reference paths. ``gate``: a
+    tensor of 1 or C values, a float, or None (1.0)."""
+    acc = acc_dtype(up)
+    h = up.to(acc)
+    if skip is None:
+        return h
+    a = 1.0 if gate is None else gate
+    a = a.to(acc).reshape(1, -1, 1, 1) if isinstance(a, torch.Tensor) else float(a)
+    return h + a * skip.to(acc)
+
+
 def gated_skip_add_reference(up: torch.Tensor, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``up + gate ⊙ skip`` in PyTorch ops, accumulated in fp32 (fp64 for fp64 inputs)."""
-    acc = _acc_dtype(up)
-    a = gate.to(acc).reshape(1, -1, 1, 1)
-    return (up.to(acc) + a * skip.to(acc)).to(up.dtype)
+    return _gated_sum_acc(up, skip, gate).to(up.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,9 +105,22 @@ def _gate_tensor(gate: GateArg, up: torch.Tensor) -> torch.Tensor:
     if not isinstance(gate, torch.Tensor):
         if not math.isfinite(gate):
             raise ValueError(f"gate must be finite, got {gate}")
-        return torch.full((1,), float(gate), dtype=_acc_dtype(up), device=up.device)
+        return torch.full((1,), float(gate), dtype=acc_dtype(up), device=up.device)
     check_per_channel("gate", gate, channels, up.device, allow_scalar=True)
-    return gate.reshape(-1).to(_acc_dtype(up))
+    return gate.reshape(-1).to(acc_dtype(up))
+
+
+def _skip_gate_tensor(x: torch.Tensor, skip: Optional[torch.Tensor],
+                      gate: Optional[GateArg]) -> Optional[torch.Tensor]:
+    """Validate the optional skip a fused norm adds first (``x + gate ⊙ skip``) and return its gate
+    as :func:`_gate_tensor` does (1.0 by default); None without a skip."""
+    if skip is None:
+        if gate is not None:
+            raise ValueError("gate scales skip (x + gate·skip): pass skip as well (or leave gate as None)")
+        return None
+    check_activation("skip", skip)
+    check_same_shape_device_dtype("x", x, "skip", skip)
+    return _gate_tensor(1.0 if gate is None else gate, x)
 
 
 def gated_skip_add(up: torch.Tensor, skip: torch.Tensor, gate: GateArg = 1.0) -> torch.Tensor:

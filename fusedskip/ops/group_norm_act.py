@@ -16,17 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import backend
-from .._checks import check_activation, check_per_channel, check_same_shape_device_dtype
+from .._checks import check_activation, check_per_channel
 from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
 from ..kernels import group_norm_act as kernels
-from .gated_skip import GateArg, _gate_tensor
+from ..kernels.launch import acc_dtype
+from .gated_skip import GateArg, _gated_sum_acc, _skip_gate_tensor
 
 ActArg = Union[str, None, nn.Module]
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 (gradcheck)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,12 +64,8 @@ def group_norm_act_reference(
     """``act(F.group_norm(x [+ gate ⊙ skip]))`` in PyTorch ops, computed in fp32 (fp64 for fp64
     inputs) and cast back to x's dtype. Same arguments as :func:`group_norm_act`."""
     name, slope = resolve_activation(act, negative_slope)
-    acc = _acc_dtype(x)
-    h = x.to(acc)
-    if skip is not None:
-        a = gate if gate is not None else 1.0
-        a = a.to(acc).reshape(1, -1, 1, 1) if isinstance(a, torch.Tensor) else float(a)
-        h = h + a * skip.to(acc)
+    acc = acc_dtype(x)
+    h = _gated_sum_acc(x, skip, gate)
     if h.numel():
         # GroupNorm is invariant to a constant shift per (n, group): centring on the detached
         # group mean changes neither the output nor the gradients, and protects F.group_norm
@@ -103,7 +95,7 @@ def group_norm_act_forward(
 
 @group_norm_act_forward.register_fake
 def _(x, weight, bias, skip, gate, num_groups, eps, act, negative_slope):
-    stats = x.new_empty((x.shape[0], num_groups), dtype=_acc_dtype(x))
+    stats = x.new_empty((x.shape[0], num_groups), dtype=acc_dtype(x))
     return torch.empty_like(x, memory_format=torch.preserve_format), stats, torch.empty_like(stats)
 
 
@@ -210,14 +202,7 @@ def group_norm_act(
     _check_num_groups(num_groups, x.shape[1])
     eps = _check_eps(eps)
     _check_affine(x, weight, bias)
-    if skip is not None:
-        check_activation("skip", skip)
-        check_same_shape_device_dtype("x", x, "skip", skip)
-        a = _gate_tensor(1.0 if gate is None else gate, x)
-    elif gate is not None:
-        raise ValueError("gate scales skip: pass skip as well (or leave gate as None)")
-    else:
-        a = None
+    a = _skip_gate_tensor(x, skip, gate)
     if backend.use_triton(x):
         return GroupNormActFunction.apply(x, weight, bias, skip, a, num_groups, eps, name, slope)
     return group_norm_act_reference(x, num_groups, weight, bias, eps, name, slope, skip, a)
