@@ -240,7 +240,7 @@ def cmd_demo(argv: Sequence[str], prog: str = "fusedskip demo") -> int:
     # 2. the two trainings ---------------------------------------------------------------------------
     from . import backend
     from .data import Noise, load_dataset
-    from .train import Interrupted, evaluate, run_training, sample_images
+    from .train import Interrupted, evaluate, run_training
 
     print(f"\n== training on scikit-learn digits (16×16, σ={args.sigma:g}): single-task vs multi-task AddUNet, "
           f"width {width}, depth {args.depth}, {epochs} epochs each, backend "

@@ -113,18 +113,10 @@ def test_default_padding_keeps_size(kernel_size, dilation):
     assert ConvNormAct(2, 3, 3, stride=2, norm=None)(torch.randn(1, 2, 8, 8)).shape == (1, 3, 4, 4)
 
 
-def _group_or_skip():
-    try:
-        from fusedskip.ops.group_norm_act import GroupNormAct  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"GroupNormAct not available yet (fusedskip.ops.group_norm_act): {exc}")
-
-
 @pytest.mark.parametrize("num_groups,absorbed", [(2, False), (4, True)])
 def test_group_norm_bias_absorption(num_groups, absorbed):
     """GN absorbs a per-channel conv bias only with one channel per group; with two channels per
     group the bias changes the output and must be applied."""
-    _group_or_skip()
     fusedskip.set_backend("reference")
     block = _randomise(ConvNormAct(3, 4, bias=True, norm="group", num_groups=num_groups, act="relu"))
     assert block.bias_absorbed is absorbed
@@ -139,7 +131,6 @@ def test_group_norm_bias_absorption(num_groups, absorbed):
 
 
 def test_instance_norm_matches_torch():
-    _group_or_skip()
     fusedskip.set_backend("reference")
     block = _randomise(ConvNormAct(3, 4, norm="instance", act="gelu", bias=True))
     assert block.bias_absorbed and list(block.state_dict()) == ["conv.weight", "conv.bias", "norm.weight", "norm.bias"]
@@ -174,7 +165,6 @@ def test_convergence_tracks_reference(with_group):
     """30 SGD steps of a small conv-norm-act network: the fused kernels track the reference path
     (same initialisation, same data). channels_last keeps the interpreter's program count low."""
     if with_group:
-        _group_or_skip()
     torch.manual_seed(0)
     fused = _network(with_group)
     reference = copy.deepcopy(fused)
