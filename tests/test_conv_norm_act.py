@@ -164,7 +164,6 @@ def _network(with_group: bool) -> nn.Sequential:
 def test_convergence_tracks_reference(with_group):
     """30 SGD steps of a small conv-norm-act network: the fused kernels track the reference path
     (same initialisation, same data). channels_last keeps the interpreter's program count low."""
-    if with_group:
     torch.manual_seed(0)
     fused = _network(with_group)
     reference = copy.deepcopy(fused)
