@@ -67,8 +67,6 @@ def build_eval_parser(prog: str = "fusedskip eval") -> argparse.ArgumentParser:
 
 
 def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
-    import torch
-
     from . import backend
     from .data import DATASETS, DataError, Noise, load_dataset
     from .train import (UsageError, configure_threads, evaluate, load_checkpoint, model_from_checkpoint, resolve_device, sample_images,
@@ -366,7 +364,7 @@ def gate_finding(runs: Dict[str, List[Dict[str, Any]]], sigma: float) -> Dict[st
             f"Shallow/deep gate ratio a1/a{L}: multi-task {tilt_mt:.3f} vs single-task {tilt_st:.3f}; "
             f"multi-task vs single-task gate change per skip (shallowest first): "
             + ", ".join(f"{c:+.1f}%" for c in change_pct) + ". "
-            f"Removing a skip at inference (gate 0) costs, shallowest first, single-task "
+            "Removing a skip at inference (gate 0) costs, shallowest first, single-task "
             + " / ".join(f"{d:.2f}" for d in abl_st) + " dB and multi-task " + " / ".join(f"{d:.2f}" for d in abl_mt)
             + f" dB at σ={sigma:g}.")
     return {"supported": supported, "consistent_across_seeds": consistent, "seeds": n,

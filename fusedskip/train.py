@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -45,8 +43,11 @@ from torch.nn import functional as F
 from . import backend as _backend
 from .data import (DATASETS, DataError, ImageData, ImageSet, Noise, eval_batches, global_batches, load_dataset,
                    rank_slice)
+from .distributed import convert_sync_batchnorm
 from .metrics import SSIM_IMPLEMENTATIONS, MetricSums
 from .models import AddUNet, build_model, pad_to_multiple
+from .mtl import FixedWeighting, available_methods, make_mtl_method
+from .mtl.methods import _ALIASES
 
 CHECKPOINT_FORMAT = "fusedskip-train-v1"
 EXIT_INTERRUPTED = 130
@@ -81,15 +82,6 @@ class Interrupted(Exception):
 # ----------------------------------------------------------------------------------------------
 # Small utilities
 # ----------------------------------------------------------------------------------------------
-def _optional_module(name: str):
-    try:
-        if importlib.util.find_spec(name) is None:
-            return None
-    except ModuleNotFoundError:
-        return None
-    return importlib.import_module(name)
-
-
 def jsonable(value):
     """Plain JSON-able copy (tuples → lists, tensors → lists, numpy scalars → Python)."""
     if isinstance(value, dict):
@@ -283,10 +275,7 @@ def convert_batchnorm_for_ddp(model: nn.Module, device: torch.device, log: Calla
     """Synchronise BatchNorm statistics across processes: fusedskip.distributed's converter for
     the fused BatchNormAct2d (keeps them fused; works on gloo/CPU too), then torch's
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` for any plain BatchNorm left (GPU only)."""
-    fs_dist = _optional_module("fusedskip.distributed")
-    converter = getattr(fs_dist, "convert_sync_batchnorm", None) if fs_dist is not None else None
-    if converter is not None:
-        model = converter(model)
+    model = convert_sync_batchnorm(model)
     plain = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and not isinstance(m, nn.SyncBatchNorm)]
     if plain:
@@ -301,61 +290,11 @@ def convert_batchnorm_for_ddp(model: nn.Module, device: torch.device, log: Calla
 # ----------------------------------------------------------------------------------------------
 # Multi-task methods
 # ----------------------------------------------------------------------------------------------
-class SingleTask:
-    """Denoising only: ``L_den.backward()``."""
-
-    name = "single"
-    last_weights = [1.0]
-
-    def backward(self, losses):
-        losses[0].backward()
-
-    def extra_parameters(self):
-        return []
-
-    def epoch_end(self, avg_losses):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-class FixedWeights:
-    """``Σ w_t L_t`` (used only if fusedskip.mtl is absent): fixed [1, λ] or equal weights."""
-
-    def __init__(self, weights: Sequence[float], name: str = "fixed"):
-        self.weights = [float(w) for w in weights]
-        self.name = name
-        self.last_weights = list(self.weights)
-
-    def backward(self, losses):
-        sum(w * l for w, l in zip(self.weights, losses)).backward()
-
-    def extra_parameters(self):
-        return []
-
-    def epoch_end(self, avg_losses):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
 def mtl_method_names(aliases: bool = False) -> List[str]:
-    """Method names fusedskip.mtl offers (with its aliases if asked); fixed/equal without it."""
-    mtl = _optional_module("fusedskip.mtl")
-    if mtl is None or not hasattr(mtl, "available_methods"):
-        return ["fixed", "equal"]
-    names = list(mtl.available_methods())
+    """Method names fusedskip.mtl offers (with its aliases if asked)."""
+    names = list(available_methods())
     if aliases:
-        methods_mod = _optional_module("fusedskip.mtl.methods")
-        names += list(getattr(methods_mod, "_ALIASES", {}) or {})
+        names += list(_ALIASES)
     return names
 
 
@@ -366,22 +305,17 @@ def check_method_name(name: str) -> bool:
 
 def make_method(name: str, model: AddUNet, lambda_cls: float, options: Dict[str, Any]):
     """The multi-task method: fusedskip.mtl's ``make_mtl_method`` (shared = encoder, task
-    parameters = decoder/gates/head and classifier)."""
+    parameters = decoder/gates/head and classifier). Denoising only (``num_classes=0``): fixed
+    weight ``[1]``, i.e. ``L_den.backward()``, whatever ``name`` and ``options`` say."""
     if model.num_classes == 0:
-        return SingleTask()
-    mtl = _optional_module("fusedskip.mtl")
-    if mtl is None or not hasattr(mtl, "make_mtl_method"):
-        if name in ("fixed", "equal"):
-            return FixedWeights([1.0, lambda_cls] if name == "fixed" else [1.0, 1.0], name)
-        raise UsageError(f"--method {name!r} needs fusedskip.mtl, which this installation lacks; "
-                         "available: fixed, equal")
+        return FixedWeighting(model.shared_parameters(), weights=[1.0])
     options = dict(options)
     key = str(name).strip().lower().replace("-", "_")
     if key == "fixed" and "weights" not in options:
         options.setdefault("lam", lambda_cls)
     try:
-        return mtl.make_mtl_method(name, model.shared_parameters(), task_parameters=model.task_parameters(),
-                                   **options)
+        return make_mtl_method(name, model.shared_parameters(), task_parameters=model.task_parameters(),
+                               **options)
     except (KeyError, ValueError, TypeError) as exc:
         raise UsageError(f"--method {name!r}: {exc}") from None
 

@@ -7,6 +7,7 @@ import torch
 
 import fusedskip
 from fusedskip.models import AddUNet, ConcatUNet, build_model, pad_to_multiple
+from fusedskip.ops.conv_norm_act import ConvNormAct
 from fusedskip.ops.gated_skip import GatedSkip
 
 
@@ -64,9 +65,8 @@ def test_paper_form_structure():
     assert model.downs is None and model.ups is None and model.mid is None
     assert all(isinstance(f, GatedSkip) for f in model.fuses)
     assert model.head.kernel_size == (1, 1)
-    # conv-BN-ReLU ×2 blocks built from fusedskip ConvNormAct (when present)
-    from fusedskip.models.blocks import conv_norm_act_class
-    assert len(model.encoders[0]) == 2 and isinstance(model.encoders[0][0], conv_norm_act_class())
+    # conv-BN-ReLU ×2 blocks built from fusedskip ConvNormAct
+    assert len(model.encoders[0]) == 2 and isinstance(model.encoders[0][0], ConvNormAct)
     # any spatial size works (no resampling)
     out, logits = model(torch.randn(1, 1, 7, 13))
     assert out.shape == (1, 1, 7, 13) and logits.shape == (1, 10)

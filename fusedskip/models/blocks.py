@@ -1,36 +1,23 @@
 """Building blocks of the U-Nets, assembled from fusedskip modules.
 
 ``conv_norm_act`` returns :class:`fusedskip.ops.conv_norm_act.ConvNormAct` (fused conv-epilogue /
-norm + activation kernels on a GPU, the reference PyTorch path elsewhere) when that module is
-present, else :class:`ReferenceConvNormAct`, a plain-PyTorch stand-in with the same submodule
-names (``conv``, ``norm``) and hence the same ``state_dict`` keys. Fusion modules (gated
+norm + activation kernels on a GPU, the reference PyTorch path elsewhere). Fusion modules (gated
 additive skip, gated skip + norm + activation, concatenation) share one interface:
 ``fuse(up, skip) -> tensor``.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..activations import activation_module, resolve_activation
+from ..ops.conv_norm_act import ConvNormAct
 from ..ops.gated_skip import GatedSkip
+from ..ops.skip_norm_act import SkipNormAct
 
 NORMS = ("batch", "group", "instance", None)
-
-
-def _optional_module(name: str):
-    """Import ``name`` if it exists; ``None`` when the file is absent (errors inside it propagate)."""
-    try:
-        if importlib.util.find_spec(name) is None:
-            return None
-    except ModuleNotFoundError:
-        return None
-    return importlib.import_module(name)
 
 
 def normalise_norm(norm: Optional[str]) -> Optional[str]:
@@ -53,52 +40,6 @@ def group_count(channels: int, num_groups: int) -> int:
     return g
 
 
-class ReferenceConvNormAct(nn.Module):
-    """conv → norm → act in plain PyTorch, with ConvNormAct's constructor and submodule names.
-
-    Used only while ``fusedskip.ops.conv_norm_act`` is not available, so models build (and their
-    checkpoints load) either way.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1,
-                 groups=1, bias=None, norm="batch", num_groups=32, act="relu", negative_slope=None,
-                 eps=1e-5, momentum=0.1):
-        super().__init__()
-        norm = normalise_norm(norm)
-        if padding is None:
-            padding = dilation * (kernel_size - 1) // 2
-        if bias is None:
-            bias = norm is None
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias)
-        if norm == "batch":
-            self.norm = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
-        elif norm == "group":
-            self.norm = nn.GroupNorm(num_groups, out_channels, eps=eps)
-        elif norm == "instance":
-            self.norm = nn.InstanceNorm2d(out_channels, eps=eps, affine=True)
-        else:
-            self.norm = None
-        name, slope = resolve_activation(act, negative_slope)
-        self.act = activation_module(name, slope)
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return self.act(x)
-
-
-def conv_norm_act_class():
-    """ConvNormAct from fusedskip when present, else the reference stand-in."""
-    module = _optional_module("fusedskip.ops.conv_norm_act")
-    return module.ConvNormAct if module is not None else ReferenceConvNormAct
-
-
-def skip_norm_act_class():
-    module = _optional_module("fusedskip.ops.skip_norm_act")
-    return None if module is None else module.SkipNormAct
-
-
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                   norm: Optional[str] = "batch", num_groups: int = 32, act="relu",
                   negative_slope: Optional[float] = None) -> nn.Module:
@@ -108,7 +49,7 @@ def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int = 3, str
         kwargs["num_groups"] = group_count(out_channels, num_groups)
     if negative_slope is not None:
         kwargs["negative_slope"] = negative_slope
-    return conv_norm_act_class()(in_channels, out_channels, **kwargs)
+    return ConvNormAct(in_channels, out_channels, **kwargs)
 
 
 class ConvBlock(nn.Sequential):
@@ -150,10 +91,6 @@ def make_fuse(fusion: str, channels: int, gate: Union[str, float], gate_init: Op
     if fusion == "concat":
         return ConcatFuse()
     if fusion == "gated_norm_act":
-        cls = skip_norm_act_class()
-        if cls is None:
-            raise ValueError("fusion 'gated_norm_act' needs fusedskip.ops.skip_norm_act (SkipNormAct), "
-                             "which this installation lacks")
         norm = normalise_norm(norm) or "group"
         kwargs = dict(act=act, gate=gate, gate_init=gate_init)
         if negative_slope is not None:
@@ -162,7 +99,7 @@ def make_fuse(fusion: str, channels: int, gate: Union[str, float], gate_init: Op
             kwargs["norm"] = "batch"
         else:  # group norm; instance norm = one channel per group
             kwargs.update(norm="group", num_groups=channels if norm == "instance" else group_count(channels, num_groups))
-        return cls(channels, **kwargs)
+        return SkipNormAct(channels, **kwargs)
     raise ValueError(f"fusion must be one of ('gated', 'gated_norm_act', 'concat'), got {fusion!r}")
 
 

@@ -32,22 +32,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..activations import activation_module, resolve_activation
 from .batch_norm_act import ActArg, BatchNormAct2d
+from .group_norm_act import GroupNormAct, InstanceNormAct2d
 
 NORM_KINDS = ("batch", "group", "instance", None)
 IntPair = Union[int, Tuple[int, int]]
-
-
-def _group_norm_act_classes():
-    """GroupNormAct and InstanceNormAct2d, imported lazily (they live in another module)."""
-    try:
-        from . import group_norm_act
-    except ImportError as exc:
-        raise ImportError("ConvNormAct(norm='group' or 'instance') needs fusedskip.ops.group_norm_act.GroupNormAct, "
-                          f"which cannot be imported: {exc}") from exc
-    gn = getattr(group_norm_act, "GroupNormAct", None)
-    if gn is None:
-        raise ImportError("ConvNormAct(norm='group' or 'instance') needs fusedskip.ops.group_norm_act.GroupNormAct")
-    return gn, getattr(group_norm_act, "InstanceNormAct2d", None)
 
 
 class ConvNormAct(nn.Module):
@@ -55,7 +43,7 @@ class ConvNormAct(nn.Module):
     activation.
 
     Submodules: ``conv`` (plain nn.Conv2d) and ``norm``: :class:`BatchNormAct2d` (``"batch"``),
-    ``GroupNormAct(num_groups, C)`` (``"group"``), ``GroupNormAct(C, C)`` / ``InstanceNormAct2d``
+    ``GroupNormAct(num_groups, C)`` (``"group"``), ``InstanceNormAct2d``
     = nn.InstanceNorm2d(affine=True) + act (``"instance"``), or the plain activation module
     (``None``). state_dict keys are therefore ``conv.weight`` [``conv.bias``], ``norm.weight``,
     ``norm.bias``, ``norm.running_mean``, ``norm.running_var``, ``norm.num_batches_tracked``,
@@ -104,15 +92,9 @@ class ConvNormAct(nn.Module):
         if norm == "batch":
             self.norm = BatchNormAct2d(out_channels, eps=eps, momentum=momentum, act=act_name, negative_slope=neg)
         elif norm == "group":
-            group_cls, _ = _group_norm_act_classes()
-            self.norm = group_cls(num_groups, out_channels, eps=eps, affine=True, act=act_name, negative_slope=neg)
+            self.norm = GroupNormAct(num_groups, out_channels, eps=eps, affine=True, act=act_name, negative_slope=neg)
         elif norm == "instance":
-            group_cls, instance_cls = _group_norm_act_classes()
-            if instance_cls is not None:
-                self.norm = instance_cls(out_channels, eps=eps, affine=True, act=act_name, negative_slope=neg)
-            else:
-                self.norm = group_cls(out_channels, out_channels, eps=eps, affine=True, act=act_name,
-                                      negative_slope=neg)
+            self.norm = InstanceNormAct2d(out_channels, eps=eps, affine=True, act=act_name, negative_slope=neg)
         else:
             self.norm = activation_module(act_name, slope)
 
