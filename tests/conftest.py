@@ -22,11 +22,16 @@ def device():
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_backend():
-    """Each test starts from a fixed seed and the default backend, whatever the last one did."""
+def _seed_backend_threads():
+    """Each test starts from a fixed seed and the default backend, whatever the last one did, on
+    one intra-op thread: the tensors are tiny, so extra threads only wait for cores the other
+    test worker is using (a tiny U-Net step: ~0.04 s on one thread, up to 1 s on two busy ones)."""
     torch.manual_seed(0)
     fusedskip.set_backend(None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     fusedskip.set_backend(None)
 
 

@@ -25,16 +25,6 @@ from fusedskip.ops.batch_norm_act import BatchNormAct2d
 from fusedskip.ops.group_norm_act import GroupNormAct
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only contend with the other test workers
-    (a tiny U-Net's forward + backward takes ~0.04 s on one thread, up to 1 s on two busy ones)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ============================================================================================
 # Faithful copies of two U-Net-family models users train (structure and constructor logic as
 # in the original repositories; only the base width of milesial's UNet is a parameter here).

@@ -11,14 +11,6 @@ from fusedskip.ops.conv_norm_act import ConvNormAct
 from fusedskip.ops.gated_skip import GatedSkip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: OpenMP threads only wait for busy cores
-    yield
-    torch.set_num_threads(previous)
-
-
 VARIANTS = [
     dict(),
     dict(num_classes=10),

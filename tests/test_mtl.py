@@ -24,15 +24,6 @@ SQ2 = math.sqrt(2.0)
 GRADIENT_METHODS = ("pcgrad", "cagrad", "imtl_g", "gradvac", "acg", "acg_released")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors only: intra-op threads are pure overhead (10x on a loaded 2-core runner)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------

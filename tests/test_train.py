@@ -17,14 +17,6 @@ TINY = {"dataset": "digits", "limit": 96, "batch_size": 16, "epochs": 3, "lr": 3
         "quiet": True, "threads": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits():
     data = load_dataset("digits", limit=96)

@@ -14,14 +14,6 @@ TINY = {"dataset": "digits", "limit": 64, "batch_size": 16, "epochs": 2, "lr": 3
         "quiet": True, "threads": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_ddp_two_processes_match_one(tmp_path):
     """Same global batch: 2 DDP processes (synchronised fused BatchNorm, PCGrad on globally averaged
     per-task gradients under no_sync) give the losses, gates and MTL weights of one."""
