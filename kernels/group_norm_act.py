@@ -174,6 +174,12 @@ def _group_norm_stats_finalize_kernel(
     tl.store(rstd_ptr + pid, rstd)
 
 
+@triton.jit
+def _group_stats(stat_ptr, n, G, c, c_mask, CG):
+    """A [BLOCK_C] gather of one per-(n, group) statistic for channels ``c`` (cached, negligible)."""
+    return tl.load(stat_ptr + n * G + c // CG, mask=c_mask, other=0.0)
+
+
 @autotune(configs=tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP"], fixed=FIXED_TILE)
 @triton.jit
 def _group_norm_act_apply_kernel(
@@ -191,10 +197,8 @@ def _group_norm_act_apply_kernel(
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
 
-    # Per-column statistics gathered by group (a [BLOCK_C] gather: cached, negligible).
-    grp = c // CG
-    mu = tl.load(mean_ptr + n * G + grp, mask=c_mask, other=0.0)
-    r = tl.load(rstd_ptr + n * G + grp, mask=c_mask, other=0.0)
+    mu = _group_stats(mean_ptr, n, G, c, c_mask, CG)
+    r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
     gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
 
     if MERGED_HW:
@@ -236,9 +240,8 @@ def _group_norm_act_backward_reduce_kernel(
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
-    grp = c // CG
-    mu = tl.load(mean_ptr + n * G + grp, mask=c_mask, other=0.0)
-    r = tl.load(rstd_ptr + n * G + grp, mask=c_mask, other=0.0)
+    mu = _group_stats(mean_ptr, n, G, c, c_mask, CG)
+    r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
     gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
@@ -329,11 +332,10 @@ def _group_norm_act_backward_dx_kernel(
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
-    grp = c // CG
-    mu = tl.load(mean_ptr + n * G + grp, mask=c_mask, other=0.0)
-    r = tl.load(rstd_ptr + n * G + grp, mask=c_mask, other=0.0)
-    m1 = tl.load(m1_ptr + n * G + grp, mask=c_mask, other=0.0)
-    m2 = tl.load(m2_ptr + n * G + grp, mask=c_mask, other=0.0)
+    mu = _group_stats(mean_ptr, n, G, c, c_mask, CG)
+    r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
+    m1 = _group_stats(m1_ptr, n, G, c, c_mask, CG)
+    m2 = _group_stats(m2_ptr, n, G, c, c_mask, CG)
     gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
