@@ -15,8 +15,18 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 
 from . import bytes_model
-from .cases import (CASES, COMPILE_PROVIDERS, DTYPES, FUSED_BACKENDS, LAYOUTS, PROVIDERS, Case, Impl,
-                    Unavailable, shape_label)
+from .cases import (
+    CASES,
+    COMPILE_PROVIDERS,
+    DTYPES,
+    FUSED_BACKENDS,
+    LAYOUTS,
+    PROVIDERS,
+    Case,
+    Impl,
+    Unavailable,
+    shape_label,
+)
 from .models import scalar_loss
 from .timing import Timer, free_memory, peak_memory, sets_needed
 

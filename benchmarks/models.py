@@ -24,8 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .cases import (MODEL_PASSES, MODEL_SHAPES, Case, Impl, Unavailable, import_attr, model_input, place,
-                    register)
+from .cases import MODEL_PASSES, MODEL_SHAPES, Case, Impl, Unavailable, import_attr, model_input, place, register
 
 _IN_NAMES = ("in_channels", "in_ch", "in_nc", "in_chans", "input_channels")
 _OUT_NAMES = ("out_channels", "out_ch", "out_nc", "out_chans", "output_channels")

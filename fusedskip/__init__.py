@@ -34,19 +34,23 @@ def _bind_source_kernels() -> None:
 
 _bind_source_kernels()
 
-from .backend import get_backend, set_backend, use_backend  # noqa: E402
-from .ops.gated_skip import GatedSkip, GatedSkipAddFunction, gated_skip_add, gated_skip_add_reference  # noqa: E402
-from .ops.group_norm_act import (GroupNormAct, GroupNormActFunction, InstanceNormAct2d,  # noqa: E402
-                                 group_norm_act, group_norm_act_reference)
-from .ops.batch_norm_act import (BatchNormAct2d, BatchNormActFunction, batch_norm_act,  # noqa: E402
-                                 batch_norm_act_reference)
-from .ops.skip_norm_act import SkipNormAct  # noqa: E402
-from .ops.conv_norm_act import ConvNormAct  # noqa: E402
-from .distributed import convert_sync_batchnorm, revert_sync_batchnorm, sync_batch_norm_act  # noqa: E402
 from . import mtl  # noqa: E402
-from .models import AddUNet, ConcatUNet, build_model  # noqa: E402
+from .backend import get_backend, set_backend, use_backend  # noqa: E402
 from .conversion import ConversionReport, FusedIdentity, convert, unconvert  # noqa: E402
+from .distributed import convert_sync_batchnorm, revert_sync_batchnorm, sync_batch_norm_act  # noqa: E402
+from .models import AddUNet, ConcatUNet, build_model  # noqa: E402
 from .mtl import available_methods, make_mtl_method  # noqa: E402
+from .ops.batch_norm_act import BatchNormAct2d, BatchNormActFunction, batch_norm_act, batch_norm_act_reference  # noqa: E402
+from .ops.conv_norm_act import ConvNormAct  # noqa: E402
+from .ops.gated_skip import GatedSkip, GatedSkipAddFunction, gated_skip_add, gated_skip_add_reference  # noqa: E402
+from .ops.group_norm_act import (  # noqa: E402
+    GroupNormAct,
+    GroupNormActFunction,
+    InstanceNormAct2d,
+    group_norm_act,
+    group_norm_act_reference,
+)
+from .ops.skip_norm_act import SkipNormAct  # noqa: E402
 
 __all__ = [
     "GatedSkip", "GatedSkipAddFunction", "gated_skip_add", "gated_skip_add_reference",

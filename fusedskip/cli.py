@@ -69,8 +69,17 @@ def build_eval_parser(prog: str = "fusedskip eval") -> argparse.ArgumentParser:
 def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
     from . import backend
     from .data import DATASETS, DataError, Noise, load_dataset
-    from .train import (UsageError, configure_threads, evaluate, load_checkpoint, model_from_checkpoint, resolve_device, sample_images,
-                        save_samples_figure, write_json)
+    from .train import (
+        UsageError,
+        configure_threads,
+        evaluate,
+        load_checkpoint,
+        model_from_checkpoint,
+        resolve_device,
+        sample_images,
+        save_samples_figure,
+        write_json,
+    )
 
     parser = build_eval_parser(prog)
     args = parser.parse_args(argv)

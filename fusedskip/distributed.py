@@ -31,8 +31,14 @@ from torch import nn
 
 from . import backend
 from .activations import apply_activation_reference
-from .ops.batch_norm_act import (ActArg, BatchNormAct2d, _batch_norm_act_triton, _momentum_factor, _validate,
-                                 batch_norm_act)
+from .ops.batch_norm_act import (
+    ActArg,
+    BatchNormAct2d,
+    _batch_norm_act_triton,
+    _momentum_factor,
+    _validate,
+    batch_norm_act,
+)
 from .ops.gated_skip import GateArg, _gated_sum_acc
 
 __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm", "sync_batch_norm_act", "merge_stats"]

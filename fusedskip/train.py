@@ -41,8 +41,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import backend as _backend
-from .data import (DATASETS, DataError, ImageData, ImageSet, Noise, eval_batches, global_batches, load_dataset,
-                   rank_slice)
+from .data import (
+    DATASETS,
+    DataError,
+    ImageData,
+    ImageSet,
+    Noise,
+    eval_batches,
+    global_batches,
+    load_dataset,
+    rank_slice,
+)
 from .distributed import convert_sync_batchnorm
 from .metrics import SSIM_IMPLEMENTATIONS, MetricSums
 from .models import AddUNet, build_model, pad_to_multiple

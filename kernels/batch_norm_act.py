@@ -44,10 +44,26 @@ import triton.language as tl
 
 from .activations import IDENTITY, activation, activation_grad, welford_combine
 from .common import acc_scalar, load_affine, row_program, tile_program
-from .launch import (FIXED_TILE, TILE_SHAPES, acc_dtype, all_spatial_mergeable, autotune, channels_inner,
-                     device_guard, empty_like_layout, finalize_blocks, kernel_strides, merged_spatial_stride,
-                     needs_int64, reduction_tile, split_fp64, target_programs, tile_configs, tile_grid,
-                     vector_stride)
+from .launch import (
+    FIXED_TILE,
+    TILE_SHAPES,
+    acc_dtype,
+    all_spatial_mergeable,
+    autotune,
+    channels_inner,
+    device_guard,
+    empty_like_layout,
+    finalize_blocks,
+    kernel_strides,
+    merged_spatial_stride,
+    needs_int64,
+    reduction_tile,
+    split_fp64,
+    target_programs,
+    tile_configs,
+    tile_grid,
+    vector_stride,
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,9 +19,23 @@ import triton
 import triton.language as tl
 
 from .common import chunk_program, tile_program
-from .launch import (FIXED_TILE, acc_dtype, all_spatial_mergeable, autotune, channels_inner, device_guard,
-                     empty_like_layout, gate_gradient, kernel_strides, needs_int64, reduce_plan, target_programs,
-                     tile_configs, tile_grid, vector_stride)
+from .launch import (
+    FIXED_TILE,
+    acc_dtype,
+    all_spatial_mergeable,
+    autotune,
+    channels_inner,
+    device_guard,
+    empty_like_layout,
+    gate_gradient,
+    kernel_strides,
+    needs_int64,
+    reduce_plan,
+    target_programs,
+    tile_configs,
+    tile_grid,
+    vector_stride,
+)
 
 
 @triton.jit

@@ -45,9 +45,23 @@ import triton.language as tl
 from . import launch
 from .activations import activation, activation_grad
 from .common import acc_scalar, chunk_program, load_affine, tile_program
-from .launch import (FIXED_TILE, acc_dtype, all_spatial_mergeable, autotune, channels_inner, device_guard,
-                     empty_like_layout, finalize_blocks, gate_gradient, kernel_strides, needs_int64, split_fp64,
-                     tile_configs, tile_grid, vector_stride)
+from .launch import (
+    FIXED_TILE,
+    acc_dtype,
+    all_spatial_mergeable,
+    autotune,
+    channels_inner,
+    device_guard,
+    empty_like_layout,
+    finalize_blocks,
+    gate_gradient,
+    kernel_strides,
+    needs_int64,
+    split_fp64,
+    tile_configs,
+    tile_grid,
+    vector_stride,
+)
 
 # Elements per tile of the reduction passes (per-lane accumulators live in registers: 3 per
 # element for Welford, 2 for the backward sums). Tests shrink it to force many chunks.

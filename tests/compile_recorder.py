@@ -114,10 +114,10 @@ def triton_api_problem() -> Optional[str]:
     """The private Triton APIs the recorder mirrors the launcher with (None when present)."""
     try:
         import triton
-        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
-        from triton.compiler.compiler import make_backend  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
+        from triton.compiler.compiler import make_backend  # noqa: F401
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
     except Exception as err:  # noqa: BLE001
         return f"Triton's launcher internals are not importable: {type(err).__name__}: {err}"
     if not hasattr(JITFunction, "_pack_args"):
@@ -392,6 +392,7 @@ def backward(out, how: str = "randn"):
 
 def cases_gated_skip() -> Cases:
     import torch
+
     from fusedskip.ops.gated_skip import GatedSkip, gated_skip_add
     shape = (2, 8, 5, 6)
     for dtype, layout, gate_kind in itertools.product(_dtypes(), LAYOUTS, ("float", "scalar", "channel")):
@@ -418,6 +419,7 @@ def cases_gated_skip() -> Cases:
 
 def cases_group_norm() -> Cases:
     import torch
+
     from fusedskip.ops.group_norm_act import GroupNormAct, InstanceNormAct2d, group_norm_act
     shape, groups = (2, 8, 5, 6), 4
     c = shape[1]
@@ -481,6 +483,7 @@ def cases_skip_norm_act() -> Cases:
 
 def cases_batch_norm() -> Cases:
     import torch
+
     from fusedskip.ops.batch_norm_act import BatchNormAct2d, batch_norm_act
     shape = (2, 8, 5, 6)
     c = shape[1]
@@ -544,6 +547,7 @@ def cases_batch_norm() -> Cases:
 
 def cases_conv_norm_act() -> Cases:
     import torch
+
     from fusedskip.ops.conv_norm_act import ConvNormAct
     for norm, bias, training, layout in itertools.product(("batch", "group", "instance", None), (None, True),
                                                           (True, False), ("nchw", "channels_last")):

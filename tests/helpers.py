@@ -5,7 +5,6 @@ import contextlib
 from typing import Iterator
 
 import torch
-
 from conftest import DEVICE
 
 # (atol, rtol) for comparing a kernel with a float64 reference, by the kernel's I/O dtype.

@@ -5,6 +5,7 @@ Kept small: every Triton program is a Python loop under the interpreter.
 
 import pytest
 import torch
+from helpers import make_input, poisoned_empty, tolerance
 from torch import nn
 from torch.nn import functional as F
 
@@ -12,7 +13,6 @@ import fusedskip
 from fusedskip.activations import apply_activation_reference
 from fusedskip.kernels import batch_norm_act as bn_kernels
 from fusedskip.ops.batch_norm_act import BatchNormAct2d, batch_norm_act, batch_norm_act_reference
-from helpers import make_input, poisoned_empty, tolerance
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 

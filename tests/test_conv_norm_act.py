@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import make_input
 from torch import nn
 from torch.nn import functional as F
 
 import fusedskip
 from fusedskip.ops.conv_norm_act import ConvNormAct
-from helpers import make_input
 
 
 def _torch_twin(block: ConvNormAct, norm: nn.Module, act: nn.Module) -> nn.Sequential:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusedskip.data import (DataError, ImageSet, Noise, eval_batches, global_batches, load_dataset, rank_slice)
+from fusedskip.data import DataError, ImageSet, Noise, eval_batches, global_batches, load_dataset, rank_slice
 from fusedskip.metrics import MetricSums, accuracy, psnr, ssim
 
 

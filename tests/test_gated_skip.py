@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from helpers import LAYOUTS, assert_close, make_input, poisoned_empty
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -10,7 +11,6 @@ import fusedskip
 from fusedskip import GatedSkip, gated_skip_add
 from fusedskip.kernels import gated_skip as gated_skip_kernels
 from fusedskip.ops import gated_skip as gated_skip_ops
-from helpers import LAYOUTS, assert_close, make_input, poisoned_empty
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = ((2, 5, 7, 9), (1, 3, 17, 1), (3, 12, 4, 6))

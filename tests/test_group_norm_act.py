@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, make_input, poisoned_empty
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -15,7 +16,6 @@ from fusedskip.kernels import group_norm_act as gna_kernels
 from fusedskip.kernels import launch
 from fusedskip.ops import group_norm_act as gna_ops
 from fusedskip.ops.group_norm_act import GroupNormAct, InstanceNormAct2d, group_norm_act, group_norm_act_reference
-from helpers import assert_close, make_input, poisoned_empty
 
 # Triton's interpreter evaluates sigmoid/tanh in numpy, which warns on exp overflow in the tails.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

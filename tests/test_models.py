@@ -10,7 +10,6 @@ from fusedskip.models import AddUNet, ConcatUNet, build_model, pad_to_multiple
 from fusedskip.ops.conv_norm_act import ConvNormAct
 from fusedskip.ops.gated_skip import GatedSkip
 
-
 VARIANTS = [
     dict(),
     dict(num_classes=10),

@@ -16,8 +16,17 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusedskip.mtl import (available_methods, cagrad_dual, cagrad_weights, gradvac_coefficients, imtl_g_weights,
-                           layer_groups, make_mtl_method, pcgrad_coefficients, task_orders)
+from fusedskip.mtl import (
+    available_methods,
+    cagrad_dual,
+    cagrad_weights,
+    gradvac_coefficients,
+    imtl_g_weights,
+    layer_groups,
+    make_mtl_method,
+    pcgrad_coefficients,
+    task_orders,
+)
 
 D64 = torch.float64
 SQ2 = math.sqrt(2.0)

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from helpers import make_input
+from test_group_norm_act import check_tensor, make_params, reference64, run_and_check
 from torch import nn
 
 import fusedskip
@@ -14,8 +16,6 @@ from fusedskip.kernels import launch
 from fusedskip.ops.gated_skip import GatedSkip
 from fusedskip.ops.group_norm_act import group_norm_act
 from fusedskip.ops.skip_norm_act import SkipNormAct
-from helpers import make_input
-from test_group_norm_act import check_tensor, make_params, reference64, run_and_check
 
 # Triton's interpreter evaluates sigmoid/tanh in numpy, which warns on exp overflow in the tails.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

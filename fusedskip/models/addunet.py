@@ -37,8 +37,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .blocks import (ConvBlock, Upsample, conv_norm_act, gated_skip_of, make_down, make_fuse,
-                     normalise_norm, per_level)
+from .blocks import ConvBlock, Upsample, conv_norm_act, gated_skip_of, make_down, make_fuse, normalise_norm, per_level
 
 VARIANTS = ("paper", "hierarchical")
 FUSIONS = ("gated", "gated_norm_act", "concat")

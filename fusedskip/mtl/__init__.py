@@ -72,11 +72,34 @@ SyncBatchNorm still synchronises in the forward under ``no_sync``. Auto-detectio
 ``process_group=`` to use a subgroup. NCCL needs the parameters on the GPU (the Gram is
 broadcast on the parameters' device).
 """
-from .gram import (acg_weights, cagrad_dual, cagrad_weights, gradvac_coefficients, gram_from_grads,
-                   imtl_g_weights, pcgrad_coefficients, task_orders)
-from .methods import (ACG, DWA, IMTLG, CAGrad, ACGReleased, EqualWeighting, FixedWeighting, GradientMethod,
-                      GradVac, LossWeighting, MTLMethod, PCGrad, UncertaintyWeighting, available_methods,
-                      layer_groups, make_mtl_method)
+from .gram import (
+                   acg_weights,
+                   cagrad_dual,
+                   cagrad_weights,
+                   gradvac_coefficients,
+                   gram_from_grads,
+                   imtl_g_weights,
+                   pcgrad_coefficients,
+                   task_orders,
+)
+from .methods import (
+                   ACG,
+                   DWA,
+                   IMTLG,
+                   ACGReleased,
+                   CAGrad,
+                   EqualWeighting,
+                   FixedWeighting,
+                   GradientMethod,
+                   GradVac,
+                   LossWeighting,
+                   MTLMethod,
+                   PCGrad,
+                   UncertaintyWeighting,
+                   available_methods,
+                   layer_groups,
+                   make_mtl_method,
+)
 
 __all__ = [
     "make_mtl_method", "available_methods", "layer_groups",

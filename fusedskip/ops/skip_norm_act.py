@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .._checks import check_activation, check_same_shape_device_dtype
-from .gated_skip import GatedSkip
 from .batch_norm_act import BatchNormAct2d
+from .gated_skip import GatedSkip
 from .group_norm_act import ActArg, GroupNormAct, group_norm_act
 
 NORM_KINDS = ("group", "batch")
