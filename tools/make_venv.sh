@@ -26,7 +26,7 @@ args=(-e ".[$extras]")
 [ -n "$constraints" ] && args=(-c "$constraints" "${args[@]}")
 echo "installing fusedskip[$extras] into $venv${constraints:+ (versions pinned by $constraints)}; log: $log"
 if ! "$venv/bin/python" -m pip install --disable-pip-version-check "${args[@]}" >"$log" 2>&1; then
-    if grep -qiE "connection|resolve|network|temporary failure|max retries|proxy|ssl|timed out|no matching distribution|could not find a version" "$log"; then
+    if grep -qiE "connection|resolve|network|temporary failure|max retries|proxy|ssl|timed out|no matching distribution|could not find a version|conflicting dependencies|resolutionimpossible" "$log"; then
         fail "pip could not get the packages (no access to the package registry, or a pinned version it does not serve); details in $log"
     fi
     fail "pip install failed: $(grep -E '^ERROR' "$log" | head -1 | cut -c1-200); details in $log"
