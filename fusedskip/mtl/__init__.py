@@ -71,6 +71,10 @@ SyncBatchNorm still synchronises in the forward under ``no_sync``. Auto-detectio
 ``torch.distributed.is_initialized()``; pass ``distributed=False`` to opt out and
 ``process_group=`` to use a subgroup. NCCL needs the parameters on the GPU (the Gram is
 broadcast on the parameters' device).
+
+Cross-task modules (:mod:`fusedskip.mtl.kem`): ``KEM``, ``StableKEM`` (SGW-based MTL, ACCV 2024),
+the dense ``CrossTaskAttention`` baseline, and ``CrossTaskFusion(kind, dim, **options)``, the
+one-argument hook between a network's per-task branches.
 """
 from .gram import (
                    acg_weights,
@@ -81,6 +85,15 @@ from .gram import (
                    imtl_g_weights,
                    pcgrad_coefficients,
                    task_orders,
+)
+from .kem import (
+                   CROSS_TASK_KINDS,
+                   KEM,
+                   CrossTaskAttention,
+                   CrossTaskFusion,
+                   StableKEM,
+                   simplex_etf,
+                   topk_attention,
 )
 from .methods import (
                    ACG,
@@ -108,4 +121,5 @@ __all__ = [
     "PCGrad", "CAGrad", "IMTLG", "GradVac", "ACG", "ACGReleased",
     "gram_from_grads", "pcgrad_coefficients", "gradvac_coefficients", "imtl_g_weights",
     "cagrad_dual", "cagrad_weights", "acg_weights", "task_orders",
+    "KEM", "StableKEM", "CrossTaskAttention", "CrossTaskFusion", "CROSS_TASK_KINDS", "simplex_etf", "topk_attention",
 ]
