@@ -57,6 +57,7 @@ __all__ = [
     "GroupNormAct", "GroupNormActFunction", "InstanceNormAct2d", "group_norm_act", "group_norm_act_reference",
     "BatchNormAct2d", "BatchNormActFunction", "batch_norm_act", "batch_norm_act_reference",
     "ConvNormAct", "convert_sync_batchnorm", "revert_sync_batchnorm", "sync_batch_norm_act",
-    "SkipNormAct", "AddUNet", "ConcatUNet", "build_model", "mtl", "convert", "unconvert", "ConversionReport", "FusedIdentity", "available_methods", "make_mtl_method",
+    "SkipNormAct", "AddUNet", "ConcatUNet", "build_model", "mtl",
+    "convert", "unconvert", "ConversionReport", "FusedIdentity", "available_methods", "make_mtl_method",
     "get_backend", "set_backend", "use_backend",
 ]

@@ -66,10 +66,13 @@ def default_cases(small: bool) -> List[OpCase]:
     modules = [
         ("GroupNormAct (silu)", lambda: fusedskip.GroupNormAct(4, channels, act="silu"), 1, False),
         ("BatchNormAct2d train (relu)", lambda: fusedskip.BatchNormAct2d(channels, act="relu"), 1, False),
-        ("SkipNormAct group (silu)", lambda: fusedskip.SkipNormAct(channels, norm="group", num_groups=4, act="silu"), 2, False),
+        ("SkipNormAct group (silu)",
+         lambda: fusedskip.SkipNormAct(channels, norm="group", num_groups=4, act="silu"), 2, False),
         ("SkipNormAct batch (relu)", lambda: fusedskip.SkipNormAct(channels, norm="batch", act="relu"), 2, False),
-        ("ConvNormAct batch (relu)", lambda: fusedskip.ConvNormAct(channels, channels, 3, norm="batch", act="relu"), 1, True),
-        ("ConvNormAct group (gelu)", lambda: fusedskip.ConvNormAct(channels, channels, 3, norm="group", num_groups=4, act="gelu"), 1, True),
+        ("ConvNormAct batch (relu)",
+         lambda: fusedskip.ConvNormAct(channels, channels, 3, norm="batch", act="relu"), 1, True),
+        ("ConvNormAct group (gelu)",
+         lambda: fusedskip.ConvNormAct(channels, channels, 3, norm="group", num_groups=4, act="gelu"), 1, True),
     ]
     cases += [_module_case(label, shape, build, n_inputs, cast) for label, build, n_inputs, cast in modules]
     return cases
@@ -111,7 +114,8 @@ def check_case(case: OpCase, dtype: torch.dtype, device: str, repeats: int) -> d
     ref_tensors = [t.detach().double().requires_grad_() for t in tensors]
     g = torch.Generator().manual_seed(1)
     with fusedskip.use_backend("reference"):
-        ref_out, ref_grads = _run(ref_fn, ref_tensors, grad := torch.randn(ref_fn(*ref_tensors).shape, generator=g, dtype=torch.float64).to(device))
+        grad = torch.randn(ref_fn(*ref_tensors).shape, generator=g, dtype=torch.float64).to(device)
+        ref_out, ref_grads = _run(ref_fn, ref_tensors, grad)
     with fusedskip.use_backend("triton"):
         out, grads = _run(fn, tensors, grad)
     params = [(p, q) for p, q in zip(module.parameters(), ref_fn.parameters())] if module is not None else []
@@ -121,7 +125,8 @@ def check_case(case: OpCase, dtype: torch.dtype, device: str, repeats: int) -> d
         return (a - b).abs().max().item(), ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
     out_err = err(out, ref_out)
-    grad_errs = [err(a, b) for a, b in zip(grads, ref_grads)] + [err(p.grad, q.grad) for p, q in params if p.grad is not None]
+    grad_errs = [err(a, b) for a, b in zip(grads, ref_grads)]
+    grad_errs += [err(p.grad, q.grad) for p, q in params if p.grad is not None]
     worst_grad = max(grad_errs, key=lambda e: e[1]) if grad_errs else (0.0, 0.0)
     with fusedskip.use_backend("triton"):
         fused_ms = _time(fn, tensors, grad, device, repeats)
@@ -147,7 +152,8 @@ def run(dtypes: Sequence[torch.dtype], small: bool, repeats: int) -> List[dict]:
 
 
 def format_table(rows: List[dict], interpreted: bool) -> str:
-    head = f"{'op':38s} {'shape':>13s} {'dtype':>9s} {'out err (rel)':>14s} {'grad err (rel)':>15s} {'fused ms':>9s} {'ref ms':>9s}  ok"
+    head = (f"{'op':38s} {'shape':>13s} {'dtype':>9s} {'out err (rel)':>14s} {'grad err (rel)':>15s} "
+            f"{'fused ms':>9s} {'ref ms':>9s}  ok")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['op']:38s} {r['shape']:>13s} {r['dtype']:>9s} {r['out_rel']:14.2e} {r['grad_rel']:15.2e} "
@@ -170,7 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get(_REEXEC_FLAG):
             raise SystemExit("fusedskip check: could not enable TRITON_INTERPRET=1")
         env = dict(os.environ, TRITON_INTERPRET="1", **{_REEXEC_FLAG: "1"})
-        return subprocess.call([sys.executable, "-m", "fusedskip.selfcheck", *(argv if argv is not None else sys.argv[1:])], env=env)
+        args = argv if argv is not None else sys.argv[1:]
+        return subprocess.call([sys.executable, "-m", "fusedskip.selfcheck", *args], env=env)
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if on_gpu else [])
     print(f"fusedskip check on {'GPU ' + torch.cuda.get_device_name() if on_gpu else 'CPU (Triton interpreter)'}")
     rows = run(dtypes, small=not args.full, repeats=args.repeats or (50 if on_gpu else 2))

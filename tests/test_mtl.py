@@ -82,8 +82,8 @@ def flat_task_grads(net, x, ys):
     losses = task_losses(net(x), ys)
     shared = list(net.trunk.parameters())
     V, heads = [], []
-    for t, l in enumerate(losses):
-        gs = torch.autograd.grad(l, shared + list(net.heads[t].parameters()), retain_graph=True)
+    for t, loss in enumerate(losses):
+        gs = torch.autograd.grad(loss, shared + list(net.heads[t].parameters()), retain_graph=True)
         V.append(torch.cat([g.reshape(-1) for g in gs[:len(shared)]]))
         heads.append([g.clone() for g in gs[len(shared):]])
     return torch.stack(V), heads

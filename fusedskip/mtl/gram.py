@@ -67,7 +67,8 @@ def gram_from_grads(grads: Sequence[Sequence[Optional[Tensor]]], group_index: Se
         k = group_index[p]
         for a, i in enumerate(present):
             for j in present[a:]:
-                partial.setdefault((k, i, j), []).append(torch.dot(flats[i], flats[j]).to(device=device, dtype=torch.float64))
+                dot = torch.dot(flats[i], flats[j]).to(device=device, dtype=torch.float64)
+                partial.setdefault((k, i, j), []).append(dot)
     acc = torch.zeros(num_groups, T, T, dtype=torch.float64, device=device)
     for (k, i, j), parts in partial.items():
         total = torch.stack(parts).sum()

@@ -126,10 +126,10 @@ class MTLMethod:
             out = list(losses)
         if len(out) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {len(out)}")
-        for t, l in enumerate(out):
-            if not isinstance(l, torch.Tensor) or l.numel() != 1:
+        for t, loss in enumerate(out):
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError(f"loss {t} must be a scalar tensor")
-        return [l.reshape(()) for l in out]
+        return [loss.reshape(()) for loss in out]
 
     # -- public API ------------------------------------------------------------------------------
     def backward(self, losses: Losses, *, scaler=None, retain_graph: bool = False) -> Tensor:
@@ -219,7 +219,7 @@ class FixedWeighting(LossWeighting):
         self.last_weights = self.weights.float()
 
     def _total(self, losses):
-        return sum(float(w) * l for w, l in zip(self.weights, losses))
+        return sum(float(w) * loss for w, loss in zip(self.weights, losses))
 
 
 class EqualWeighting(FixedWeighting):
@@ -271,7 +271,7 @@ class UncertaintyWeighting(LossWeighting):
         s = self.log_vars
         w = self._factors.to(s.device) * torch.exp(-s)
         self.last_weights = w.detach().cpu()
-        total = sum(w[t].to(l.dtype) * l for t, l in enumerate(losses))
+        total = sum(w[t].to(loss.dtype) * loss for t, loss in enumerate(losses))
         return total + 0.5 * s.sum().to(total.dtype)
 
     def state_dict(self):
@@ -313,17 +313,18 @@ class DWA(LossWeighting):
 
     def _total(self, losses):
         with torch.no_grad():
-            vec = torch.stack([l.detach().to(torch.float64) for l in losses])
+            vec = torch.stack([loss.detach().to(torch.float64) for loss in losses])
             self._sum = vec if self._sum is None else self._sum + vec.to(self._sum.device)
             self._count += 1
-        return sum(float(w) * l for w, l in zip(self.weights, losses))
+        return sum(float(w) * loss for w, loss in zip(self.weights, losses))
 
     def epoch_end(self, avg_losses: Optional[Losses] = None) -> None:
         active, group = self._sync()
         if avg_losses is None:
             if self._sum is None:
                 raise RuntimeError("DWA.epoch_end(): no losses recorded this epoch and none given")
-            stats = torch.cat([self._sum, torch.tensor([float(self._count)], dtype=torch.float64, device=self._sum.device)])
+            count = torch.tensor([float(self._count)], dtype=torch.float64, device=self._sum.device)
+            stats = torch.cat([self._sum, count])
             if active:
                 stats = all_reduce_mean([stats], group)[0]  # mean of sums / mean of counts = global mean
             avg = (stats[:-1] / stats[-1]).cpu()
@@ -499,7 +500,7 @@ class GradientMethod(MTLMethod):
     def backward(self, losses: Losses, *, scaler=None, retain_graph: bool = False) -> Tensor:
         L = self._loss_list(losses)
         if scaler is not None:
-            L = [scaler.scale(l) for l in L]
+            L = [scaler.scale(loss) for loss in L]
         T, shared, P = self.num_tasks, self.shared_parameters, len(self.shared_parameters)
         heads = self.task_parameters
 
