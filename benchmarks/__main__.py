@@ -1,4 +1,4 @@
-"""``python -m benchmarks [run|compare|plot|show|list] ...`` (``run`` is the default)."""
+"""``python -m benchmarks [run|account|gpu-session|compare|plot|show|list] ...`` (``run`` is the default)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == "run":
         from .runner import run
         return run(rest)
+    if command in ("account", "model"):
+        from .accounting import main as account_main
+        return account_main(rest)
+    if command == "gpu-session":
+        from .gpu_session import main as session_main
+        return session_main(rest)
     if command == "compare":
         from .compare import main as compare_main
         return compare_main(rest)
@@ -41,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            [(c.name, c.kind, ",".join(c.passes), c.available() or "available", c.title)
                             for c in CASES.values()]))
         return 0
-    print(f"unknown command {command!r}: use run, compare, plot, show or list", file=sys.stderr)
+    print(f"unknown command {command!r}: use run, account, gpu-session, compare, plot, show or list", file=sys.stderr)
     return 2
 
 

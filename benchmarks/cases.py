@@ -4,8 +4,9 @@ A case names an op (or a whole model), the passes it is timed in, its shapes per
 to make its inputs, how to build its fused module (timed as provider ``fusedskip`` on the Triton
 backend and as ``reference`` on fusedskip's reference backend) and its eager PyTorch equivalent
 (provider ``eager``; ``compile`` and ``compile-max-autotune`` are torch.compile of the eager
-module). A case whose fusedskip op does not exist yet is skipped with the reason its
-``requires`` check gives (the ImportError), and runs as soon as the op lands.
+module). A case's ``requires`` check names what it needs beyond fusedskip itself (a
+third-party library for the converted models); a case that cannot run is skipped with its
+reason.
 
 Providers
   fusedskip             the fused Triton kernels (``fusedskip.use_backend("triton")``); CUDA only
@@ -22,7 +23,6 @@ Providers
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -87,7 +87,7 @@ class Case:
     kind: str                                   # "op" or "model"
     title: str
     passes: Tuple[str, ...]
-    requires: Callable[[], None]                # raises Unavailable(reason) until the op exists
+    requires: Callable[[], None]                # raises Unavailable(reason) when the case cannot run
     inputs: Callable[..., Tuple[torch.Tensor, ...]]  # (shape, dtype, layout, device, grad)
     build_fused: Optional[Callable[..., Impl]]  # (shape, dtype, layout, device) -> Impl
     build_eager: Optional[Callable[..., Impl]]
@@ -146,25 +146,8 @@ def import_attr(module: str, attr: Optional[str] = None) -> Any:
         raise Unavailable(f"ImportError: cannot import name {attr!r} from {module!r}") from None
 
 
-def requires(module: str, *attrs: str) -> Callable[[], None]:
-    def check() -> None:
-        if attrs:
-            for a in attrs:
-                import_attr(module, a)
-        else:
-            import_attr(module)
-    return check
-
-
-def accepted_kwargs(callable_: Callable, **kwargs: Any) -> Dict[str, Any]:
-    """The subset of ``kwargs`` that ``callable_``'s signature names (or all, given **kwargs)."""
-    try:
-        params = inspect.signature(callable_).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    return {k: v for k, v in kwargs.items() if k in params}
+def always() -> None:
+    """``requires`` of the op cases: fusedskip's ops are part of the package."""
 
 
 def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -237,7 +220,8 @@ class EagerSkipNormAct(nn.Module):
 class FusedSkipBatchNormAct(nn.Module):
     def __init__(self, channels: int, act: str = "relu", eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
-        self.fn = import_attr("fusedskip.ops.batch_norm_act", "batch_norm_act")
+        from fusedskip import batch_norm_act
+        self.fn = batch_norm_act
         self.act, self.eps, self.momentum = act, eps, momentum
         self.beta = nn.Parameter(torch.full((1,), softplus_inverse(1.0)))
         self.weight = nn.Parameter(torch.ones(channels))
@@ -254,74 +238,75 @@ class FusedSkipBatchNormAct(nn.Module):
 # Op cases
 # --------------------------------------------------------------------------------------------
 def _gated_skip_fused(shape, dtype, layout, device):
-    GatedSkip = import_attr("fusedskip.ops.gated_skip", "GatedSkip")
+    from fusedskip import GatedSkip
     return module_impl(GatedSkip(shape[1]), dtype, layout, device)
 
 
 register(Case(
     "gated_skip", "op", "gated additive skip out = up + a·skip (GatedSkip, scalar softplus gate)",
-    OP_PASSES, requires("fusedskip.ops.gated_skip", "GatedSkip"), two_inputs,
-    _gated_skip_fused, lambda s, d, l, dev: module_impl(EagerGatedSkip(), d, l, dev),
+    OP_PASSES, always, two_inputs,
+    _gated_skip_fused, lambda s, d, lay, dev: module_impl(EagerGatedSkip(), d, lay, dev),
     byte_model="gated_skip"))
 
 
 def _gn_act_fused(shape, dtype, layout, device):
-    GroupNormAct = import_attr("fusedskip.ops.group_norm_act", "GroupNormAct")
+    from fusedskip import GroupNormAct
     return module_impl(GroupNormAct(32, shape[1], eps=1e-5, affine=True, act="silu"), dtype, layout, device)
 
 
 register(Case(
     "gn_silu", "op", "GroupNorm(32) + SiLU (GroupNormAct)", OP_PASSES,
-    requires("fusedskip.ops.group_norm_act", "GroupNormAct"), one_input, _gn_act_fused,
-    lambda s, d, l, dev: module_impl(nn.Sequential(nn.GroupNorm(32, s[1], eps=1e-5), nn.SiLU()), d, l, dev),
+    always, one_input, _gn_act_fused,
+    lambda s, d, lay, dev: module_impl(nn.Sequential(nn.GroupNorm(32, s[1], eps=1e-5), nn.SiLU()), d, lay, dev),
     byte_model="group_norm_act"))
 
 
 def _bn_act_fused(shape, dtype, layout, device):
-    BatchNormAct2d = import_attr("fusedskip.ops.batch_norm_act", "BatchNormAct2d")
+    from fusedskip import BatchNormAct2d
     module = BatchNormAct2d(shape[1], eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, act="relu")
     return module_impl(module, dtype, layout, device)
 
 
 def _bn_act_eager(shape, dtype, layout, device):
-    return module_impl(nn.Sequential(nn.BatchNorm2d(shape[1], eps=1e-5, momentum=0.1), nn.ReLU()), dtype, layout, device)
+    module = nn.Sequential(nn.BatchNorm2d(shape[1], eps=1e-5, momentum=0.1), nn.ReLU())
+    return module_impl(module, dtype, layout, device)
 
 
 register(Case(
     "bn_relu", "op", "BatchNorm2d (training, batch statistics) + ReLU (BatchNormAct2d)", OP_PASSES,
-    requires("fusedskip.ops.batch_norm_act", "BatchNormAct2d"), one_input, _bn_act_fused, _bn_act_eager,
+    always, one_input, _bn_act_fused, _bn_act_eager,
     byte_model="batch_norm_act"))
 
 register(Case(
     "bn_relu_eval", "op", "BatchNorm2d (eval, running statistics) + ReLU (BatchNormAct2d)", ("infer",),
-    requires("fusedskip.ops.batch_norm_act", "BatchNormAct2d"), one_input, _bn_act_fused, _bn_act_eager,
+    always, one_input, _bn_act_fused, _bn_act_eager,
     byte_model="batch_norm_act_eval"))
 
 def _skip_norm_act_fused(shape, dtype, layout, device):
-    SkipNormAct = import_attr("fusedskip.ops.skip_norm_act", "SkipNormAct")
+    from fusedskip import SkipNormAct
     return module_impl(SkipNormAct(shape[1], norm="group", num_groups=32, act="silu"), dtype, layout, device)
 
 
 register(Case(
     "skip_gn_silu", "op", "skip -> GroupNorm(32) -> SiLU: act(GN(up + a·skip)) (SkipNormAct, scalar softplus gate)",
-    OP_PASSES, requires("fusedskip.ops.skip_norm_act", "SkipNormAct"), two_inputs, _skip_norm_act_fused,
-    lambda s, d, l, dev: module_impl(EagerSkipNormAct(nn.GroupNorm(32, s[1], eps=1e-5), nn.SiLU()), d, l, dev),
+    OP_PASSES, always, two_inputs, _skip_norm_act_fused,
+    lambda s, d, lay, dev: module_impl(EagerSkipNormAct(nn.GroupNorm(32, s[1], eps=1e-5), nn.SiLU()), d, lay, dev),
     byte_model="skip_group_norm_act"))
 
 register(Case(
     "skip_bn_relu", "op", "skip → BatchNorm2d → ReLU: act(BN(up + a·skip)) (batch_norm_act(skip=, gate=))",
-    OP_PASSES, requires("fusedskip.ops.batch_norm_act", "batch_norm_act"), two_inputs,
-    lambda s, d, l, dev: module_impl(FusedSkipBatchNormAct(s[1]), d, l, dev),
-    lambda s, d, l, dev: module_impl(EagerSkipNormAct(nn.BatchNorm2d(s[1], eps=1e-5), nn.ReLU()), d, l, dev),
+    OP_PASSES, always, two_inputs,
+    lambda s, d, lay, dev: module_impl(FusedSkipBatchNormAct(s[1]), d, lay, dev),
+    lambda s, d, lay, dev: module_impl(EagerSkipNormAct(nn.BatchNorm2d(s[1], eps=1e-5), nn.ReLU()), d, lay, dev),
     byte_model="skip_batch_norm_act"))
 
 
 def _conv_norm_act(norm: str, act: str):
     def fused(shape, dtype, layout, device):
-        ConvNormAct = import_attr("fusedskip.ops.conv_norm_act", "ConvNormAct")
-        extra = accepted_kwargs(ConvNormAct, num_groups=32, bias=False, padding=1)
-        return module_impl(ConvNormAct(shape[1], shape[1], kernel_size=3, norm=norm, act=act, **extra),
-                           dtype, layout, device)
+        from fusedskip import ConvNormAct
+        module = ConvNormAct(shape[1], shape[1], kernel_size=3, norm=norm, act=act, num_groups=32, bias=False,
+                             padding=1)
+        return module_impl(module, dtype, layout, device)
 
     def eager(shape, dtype, layout, device):
         c = shape[1]
@@ -337,7 +322,7 @@ for _name, _norm, _act, _title in (("conv_bn_relu", "batch", "relu", "BatchNorm2
     _f, _e = _conv_norm_act(_norm, _act)
     register(Case(
         _name, "op", f"ConvNormAct: conv3×3 C→C (no bias) → {_title}", OP_PASSES,
-        requires("fusedskip.ops.conv_norm_act", "ConvNormAct"), one_input, _f, _e,
+        always, one_input, _f, _e,
         byte_model="conv_norm_act", conv_kernel=3))
 
 # Model cases register themselves on import.

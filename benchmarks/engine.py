@@ -56,7 +56,8 @@ class Spec:
 
     @property
     def id(self) -> str:
-        return f"{self.case}-{self.pass_}-{self.shape_label.replace('/', '-')}-{self.dtype}-{self.layout}-{self.provider}"
+        shape = self.shape_label.replace("/", "-")
+        return f"{self.case}-{self.pass_}-{shape}-{self.dtype}-{self.layout}-{self.provider}"
 
     def impl_key(self) -> Tuple:
         return (self.case, self.shape, self.dtype, self.layout, self.provider)
@@ -143,8 +144,10 @@ class Bench:
     """Builds providers (keeping the last one, so all passes of a provider share it) and times
     specs with one :class:`Timer`."""
 
-    def __init__(self, device: torch.device, timer: Timer, measure_memory: bool = True):
+    def __init__(self, device: torch.device, timer: Timer, measure_memory: bool = True,
+                 interpreted_kernels: bool = False):
         self.device = torch.device(device)
+        self.interpreted_kernels = interpreted_kernels  # dry runs: fusedskip on the CPU interpreter
         self.timer = timer
         self.measure_memory = measure_memory and self.device.type == "cuda"
         self._impl_key: Optional[Tuple] = None
@@ -153,7 +156,7 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------
     def provider_unavailable(self, case: Case, provider: str) -> Optional[str]:
-        if provider == "fusedskip" and self.device.type != "cuda":
+        if provider == "fusedskip" and self.device.type != "cuda" and not self.interpreted_kernels:
             return "the Triton kernels are timed on CUDA only (the CPU interpreter checks correctness, not speed)"
         if provider in ("fusedskip", "reference") and case.build_fused is None:
             return f"{case.name} has no fused module"
@@ -300,7 +303,8 @@ class Bench:
         except Unavailable:
             raise
         except Exception as exc:  # one failing provider must not end the run
-            row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            row.update(status="error", error=f"{type(exc).__name__}: {first_line}"[:300])
             row["traceback"] = traceback.format_exc(limit=6)
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 self.release()

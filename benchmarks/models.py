@@ -1,5 +1,6 @@
 """Whole-model cases: AddUNet (training step and inference) and third-party U-Nets converted
-with ``fusedskip.convert``, each skipped with its reason until what it needs exists.
+with ``fusedskip.convert``; a converted model whose library is not installed is skipped with
+that reason.
 
 Passes: ``train`` = forward + scalar loss (mean of squares of every float output) + backward to
 every parameter (``torch.autograd.grad``, no optimizer step, nothing accumulated into ``.grad``);
@@ -16,75 +17,25 @@ reference provider; models have no byte model.
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
-import types
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .cases import MODEL_PASSES, MODEL_SHAPES, Case, Impl, Unavailable, import_attr, model_input, place, register
-
-_IN_NAMES = ("in_channels", "in_ch", "in_nc", "in_chans", "input_channels")
-_OUT_NAMES = ("out_channels", "out_ch", "out_nc", "out_chans", "output_channels")
-_WIDTH_NAMES = ("width", "base_channels", "base_width", "channels", "nc", "features", "base_features", "ch")
-
-
-def _fill(sig: inspect.Signature, names, value, kwargs) -> bool:
-    for name in names:
-        if name in sig.parameters:
-            kwargs[name] = value
-            return True
-    return False
+from .cases import MODEL_PASSES, MODEL_SHAPES, Case, Impl, always, import_attr, model_input, place, register
 
 
 def build_addunet(in_ch: int, width: int) -> nn.Module:
-    AddUNet = import_attr("fusedskip.models", "AddUNet")
-    sig = inspect.signature(AddUNet)
-    kwargs: dict = {}
-    _fill(sig, _IN_NAMES, in_ch, kwargs)
-    _fill(sig, _OUT_NAMES, in_ch, kwargs)
-    if not _fill(sig, _WIDTH_NAMES, width, kwargs):
-        raise Unavailable(f"AddUNet{sig}: no width parameter recognised (tried {', '.join(_WIDTH_NAMES)}); "
-                          "teach benchmarks/models.py build_addunet its name")
-    try:
-        return AddUNet(**kwargs)
-    except Exception as exc:
-        raise Unavailable(f"AddUNet(**{kwargs}) failed: {type(exc).__name__}: {exc}") from None
-
-
-def _converter() -> Callable[[nn.Module], object]:
-    """fusedskip's converter: ``fusedskip.convert`` (a function, or a module holding one), else
-    ``fusedskip.conversion.convert``."""
-    import fusedskip
-    candidates = [getattr(fusedskip, "convert", None)]
-    for module in ("fusedskip.convert", "fusedskip.conversion"):
-        try:
-            candidates.append(importlib.import_module(module))
-        except ImportError:
-            pass
-        except Exception as exc:
-            raise Unavailable(f"importing {module} failed: {type(exc).__name__}: {exc}") from None
-    for conv in candidates:
-        if conv is None:
-            continue
-        if callable(conv) and not isinstance(conv, types.ModuleType):
-            return conv
-        for name in ("convert", "convert_model", "fuse", "fuse_model"):
-            fn = getattr(conv, name, None)
-            if callable(fn):
-                return fn
-    raise Unavailable("ImportError: No module named 'fusedskip.convert' (no fusedskip.convert() or "
-                      "fusedskip.conversion.convert() yet)")
+    """AddUNet with ``in_ch`` input and output channels and feature width ``width``."""
+    from fusedskip import AddUNet
+    return AddUNet(in_channels=in_ch, out_channels=in_ch, width=width)
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Convert with fusedskip (in place or not; a ``(model, report)`` result is understood)."""
-    out = _converter()(model)
-    if isinstance(out, tuple) and out and isinstance(out[0], nn.Module):
-        out = out[0]
-    return out if isinstance(out, nn.Module) else model
+    """``fusedskip.convert(model)``: the converted model (its conversion report is dropped)."""
+    from fusedskip import convert as fused_convert
+    converted, _ = fused_convert(model)
+    return converted
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,10 +191,6 @@ def _monai_unet(in_ch: int, width: int) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
-def _addunet_requires() -> None:
-    import_attr("fusedskip.models", "AddUNet")
-
-
 def _addunet_fused(shape, dtype, layout, device) -> Impl:
     model = place(build_addunet(shape[1], shape[4]), dtype, layout, device)
     return Impl(model, [p for p in model.parameters() if p.requires_grad], model)
@@ -264,13 +211,12 @@ def _addunet_eager(shape, dtype, layout, device) -> Impl:
 
 register(Case(
     "addunet", "model", "AddUNet: training step (fwd + loss + bwd) and inference", MODEL_PASSES,
-    _addunet_requires, model_input, _addunet_fused, _addunet_eager,
+    always, model_input, _addunet_fused, _addunet_eager,
     shapes=MODEL_SHAPES, rotate_inputs=False))
 
 
 def _converted_case(name: str, title: str, factory: Callable[[int, int], nn.Module], library: Optional[str]):
     def needs() -> None:
-        _converter()
         if library is not None:
             import_attr(library)
 

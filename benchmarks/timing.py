@@ -212,12 +212,22 @@ def copy_bandwidth(timer: Timer, nbytes: int = 1 << 30) -> Dict[str, Any]:
     """Device-to-device copy bandwidth with the same timer: ``dst.copy_(src)`` on ``nbytes``
     tensors, counting read + write (2 × nbytes) per copy. The practical memory ceiling the
     "fraction of copy" column divides by."""
+    return copy_bandwidth_of(timer, lambda dst, src: dst.copy_(src), nbytes)
+
+
+def copy_bandwidth_of(timer: Timer, copy: Callable[[torch.Tensor, torch.Tensor], Any],
+                      nbytes: int = 1 << 30) -> Dict[str, Any]:
+    """Bandwidth of ``copy(dst, src)`` on two ``nbytes`` fp32 tensors, read + write counted."""
     numel = nbytes // 4
-    src = torch.randn(numel, device=timer.device)
-    dst = torch.empty_like(src)
-    timing = timer.measure(lambda i: dst.copy_(src), sets_needed(2 * nbytes, timer.flush_bytes))
+    buffers = {"src": torch.randn(numel, device=timer.device)}
+    buffers["dst"] = torch.empty_like(buffers["src"])
+
+    def step(i: int) -> Any:
+        return copy(buffers["dst"], buffers["src"])
+
+    timing = timer.measure(step, sets_needed(2 * nbytes, timer.flush_bytes))
     moved = 2 * numel * 4
     gbps = moved / (timing.median_ms * 1e-3) / 1e9
-    del src, dst
+    buffers.clear()
     free_memory(timer.device)
     return {"bytes": moved, "gbps": gbps, "timing": timing.as_dict()}
