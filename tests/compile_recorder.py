@@ -3,7 +3,7 @@
 Run as a script with ``TRITON_INTERPRET`` unset, so ``triton.jit`` yields real ``JITFunction``
 objects::
 
-    python tests/compile_recorder.py --json report.json [--workers 2] [--coverage default|wide]
+    python tests/compile_recorder.py --json report.json [--workers 2] [--coverage default|wide|all]
 
 tests/test_gpu_compile.py runs it in a subprocess and checks the report. Why: the other tests run
 the kernels under Triton's CPU interpreter, which accepts code that the real compiler rejects (a
@@ -11,16 +11,20 @@ plain Python float global read in a kernel, for one), and there is no GPU here. 
 for ``GPUTarget("cuda", 90, 32)`` runs the whole NVIDIA pipeline (TTIR → TTGIR → LLVM IR → PTX →
 ptxas → cubin) without a GPU.
 
-1. Record. ``JITFunction.run`` and ``Autotuner.run`` are replaced: a launch is specialised exactly
-   as Triton's launcher would do it (Triton's own binder and ``_pack_args``: pointer dtypes, ints
-   as i32 / i64 by value, ints equal to 1 and 16-divisibility specialised, ``do_not_specialize``
-   honoured, constexprs from kwargs / autotune config / defaults, launch options), the launcher's
-   grid is evaluated, the variant is recorded and nothing launches. ``fusedskip.backend`` is set
-   to the Triton path for CPU tensors (``interpreter_active`` returns True), and
-   ``launch.target_programs`` returns an H100's value so grids and S-splits are the GPU's. The op
-   outputs are garbage (no kernel runs): only compilation matters. The public ops are then driven,
-   forward and backward, over dtypes, layouts, activations, affine, skip, gate kinds, training /
-   eval and edge shapes, and once more with ``needs_int64`` forced True in every kernels module.
+1. Record. ``kernel[grid](...)`` of a ``JITFunction`` or ``Autotuner`` is replaced: the call is
+   bound to the kernel's own Python signature, each argument is specialised from the kernel's
+   parameter list (``JITFunction.params``: constexpr annotations, ``do_not_specialize``,
+   ``do_not_specialize_on_alignment``) by the rules Triton's launcher applies (pointer dtypes and
+   16-byte alignment, ints as i32 / i64 by value, ints equal to 1 and 16-divisibility
+   specialised), the launch kwargs that are not parameters become compile options, the grid is
+   evaluated on the bound arguments, the variant is recorded and nothing launches. Only
+   documented objects are touched: ``JITFunction.params`` / ``.fn``, ``Autotuner.fn`` /
+   ``.configs``, ``triton.Config``, ``triton.compile``, ``triton.compiler.ASTSource`` and
+   ``GPUTarget``. ``fusedskip.backend`` is set to the Triton path for CPU tensors
+   (``interpreter_active`` returns True), and ``launch.target_programs`` returns an H100's value
+   so grids and S-splits are the GPU's. The op outputs are garbage (no kernel runs): only
+   compilation matters. The public ops (tests/compile_cases.py) are then driven, and once more
+   with ``needs_int64`` forced True in every kernels module.
 2. Select (recording is cheap, a compile costs ~0.3–1 s). Per kernel, a greedy cover of targets:
    ``default``: every value of every constexpr the kernel declares (tile sizes: smallest and
    largest), every dtype of every pointer argument, every int argument that gets specialised to
@@ -29,8 +33,15 @@ ptxas → cubin) without a GPU.
    configs. ``wide``: every value of every specialisation feature (all tile sizes, alignment,
    i32/i64, every autotune config) and every pair of values of the declared constexprs and
    pointer dtypes (~5x the compiles). ``all``: every recorded variant (autotune configs spread).
-3. Compile the selection for sm_90 in a process pool (spawned workers; a tiny probe kernel first
-   tells whether the toolchain works at all) and report errors per variant.
+3. Compile the selection for sm_90 with ``triton.compile(ASTSource(fn, signature, constexprs,
+   attrs), target=GPUTarget("cuda", 90, 32), options=...)`` in a process pool (spawned workers)
+   and report errors per variant. A probe kernel that uses every feature of that call first
+   tells whether this Triton can be driven at all; when it cannot (no NVIDIA backend or ptxas, an
+   API that moved), the report says ``unavailable`` with the Triton version and the reason, and
+   the test skips. A compile error in a fusedskip kernel is never taken for that.
+
+``--extra-kernels FILE`` adds the ``_*_kernel`` kernels of FILE and drives its ``CASES()``
+(``--only-extra``: those alone); tests/test_gpu_compile.py injects a known-bad kernel this way.
 """
 from __future__ import annotations
 
@@ -38,6 +49,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import itertools
 import json
 import multiprocessing
@@ -49,33 +61,33 @@ import time
 import traceback
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 TARGET_ARCH = 90       # Hopper (H100 / H200)
 TARGET_WARP_SIZE = 32
 H100_SMS = 132         # launch.target_programs as on an H100
 COVERAGES = ("default", "wide", "all")
+# Compile options a launch may pass when the backend's own list cannot be read (see option_names).
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug", "enable_fp_fusion",
+                  "launch_cooperative_grid", "launch_pdl", "ir_override")
 
 warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton plumbing
+# Triton plumbing: the public compile entry points only
 # ----------------------------------------------------------------------------------------------
 def _target():
     from triton.backends.compiler import GPUTarget
     return GPUTarget("cuda", TARGET_ARCH, TARGET_WARP_SIZE)
 
 
-_BACKEND = None
-
-
-def _backend():
-    global _BACKEND
-    if _BACKEND is None:
-        from triton.compiler.compiler import make_backend
-        _BACKEND = make_backend(_target())
-    return _BACKEND
+def triton_version() -> str:
+    try:
+        import triton
+        return f"triton {triton.__version__}"
+    except Exception as err:  # noqa: BLE001
+        return f"triton (not importable: {type(err).__name__}: {err})"
 
 
 def _jit_function(obj):
@@ -92,8 +104,18 @@ def kernel_id(fn) -> str:
     return f"{fn.fn.__module__}.{fn.fn.__qualname__}"
 
 
+def module_kernels(module) -> Dict[str, Any]:
+    """The ``@triton.jit`` kernels named ``_*_kernel`` defined in ``module`` (not imported into it)."""
+    found = {}
+    for name, obj in vars(module).items():
+        fn = _jit_function(obj)
+        if fn is not None and name.startswith("_") and name.endswith("_kernel") and fn.fn.__module__ == module.__name__:
+            found[kernel_id(fn)] = fn
+    return found
+
+
 def discover_kernels() -> Tuple[Dict[str, Any], List[Any]]:
-    """(every ``@triton.jit`` kernel named ``_*_kernel`` defined in a fusedskip.kernels module, the modules)."""
+    """(every ``_*_kernel`` defined in a fusedskip.kernels module, the modules)."""
     import fusedskip  # noqa: F401  (binds fusedskip.kernels in a source checkout)
     package = importlib.import_module("fusedskip.kernels")
     found: Dict[str, Any] = {}
@@ -101,28 +123,37 @@ def discover_kernels() -> Tuple[Dict[str, Any], List[Any]]:
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"fusedskip.kernels.{info.name}")
         modules.append(module)
-        for name, obj in vars(module).items():
-            fn = _jit_function(obj)
-            if fn is None or not (name.startswith("_") and name.endswith("_kernel")):
-                continue
-            if fn.fn.__module__ == module.__name__:  # defined here, not imported from a sibling
-                found[kernel_id(fn)] = fn
+        found.update(module_kernels(module))
     return found, modules
 
 
 def triton_api_problem() -> Optional[str]:
-    """The private Triton APIs the recorder mirrors the launcher with (None when present)."""
+    """Why this Triton cannot be driven (None when every object the recorder uses imports)."""
     try:
-        import triton
+        import triton  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
-        from triton.compiler.compiler import make_backend  # noqa: F401
-        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+        from triton.runtime.autotuner import Autotuner  # noqa: F401
+        from triton.runtime.jit import JITFunction  # noqa: F401
     except Exception as err:  # noqa: BLE001
-        return f"Triton's launcher internals are not importable: {type(err).__name__}: {err}"
-    if not hasattr(JITFunction, "_pack_args"):
-        return f"triton {triton.__version__} lacks JITFunction._pack_args, which the recorder mirrors"
+        return (f"{triton_version()}: triton.compile / ASTSource / JITFunction not importable: "
+                f"{type(err).__name__}: {err}")
     return None
+
+
+_OPTION_NAMES: Optional[frozenset] = None
+
+
+def option_names() -> frozenset:
+    """The compile options the NVIDIA backend knows (launch kwargs that are not kernel parameters)."""
+    global _OPTION_NAMES
+    if _OPTION_NAMES is None:
+        try:
+            from triton.compiler import make_backend
+            _OPTION_NAMES = frozenset(make_backend(_target()).parse_options({}).__dict__)
+        except Exception:  # noqa: BLE001 - an API that moved: the documented launch options
+            _OPTION_NAMES = frozenset(LAUNCH_OPTIONS)
+    return _OPTION_NAMES
 
 
 def compile_variant(fn, signature, constexprs, attrs, options):
@@ -131,20 +162,125 @@ def compile_variant(fn, signature, constexprs, attrs, options):
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=_target(), options=options)
 
 
+# ----------------------------------------------------------------------------------------------
+# Specialisation: what Triton's launcher compiles for a call, from the kernel's own parameters
+# ----------------------------------------------------------------------------------------------
+# torch dtype name → Triton pointee type
+_POINTEE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "i8",
+            "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "u1",
+            "float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5"}
+DIVISIBLE = "D"  # the launcher's mark for a pointer 16-byte aligned / an int divisible by 16
+
+
+def _int_type(value: int) -> str:
+    if -2**31 <= value < 2**31:
+        return "i32"
+    return "i64" if -2**63 <= value < 2**63 else "u64"
+
+
+def specialize_arg(param, value) -> Tuple[str, Any]:
+    """(signature type, spec) of one argument as Triton's launcher specialises it.
+
+    ``spec`` is the constexpr value when the type is ``constexpr``, else ``"D"`` (divisible /
+    aligned), ``""`` (may be, is not) or None (never specialised). Constexpr parameters, None and
+    ints equal to 1 become constexprs; ``do_not_specialize`` parameters keep no spec;
+    ``do_not_specialize_on_alignment`` ones lose the ``D``; floats and bools are never specialised.
+    """
+    name = param.name
+    if getattr(param, "is_constexpr", False) or value is None:
+        return "constexpr", value
+    specialize = not getattr(param, "do_not_specialize", False)
+    align = not getattr(param, "do_not_specialize_on_alignment", False)
+    annotated = getattr(param, "annotation_type", "") or ""
+    if annotated and not annotated.startswith("*"):  # e.g. `n: tl.int64`: the type is fixed
+        if not specialize or annotated == "u1" or annotated[:2] in ("fp", "bf") or not isinstance(value, int):
+            return annotated, None
+        return annotated, DIVISIBLE if align and value % 16 == 0 else ""
+    if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
+        dtype = str(value.dtype).split(".")[-1]
+        if dtype not in _POINTEE:
+            raise TypeError(f"argument {name}: tensor dtype {value.dtype} has no Triton pointer type here")
+        kind = ("*k" if getattr(param, "is_const", False) else "*") + _POINTEE[dtype]
+        if not specialize:
+            return kind, None
+        return kind, DIVISIBLE if align and value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if not specialize:
+            return _int_type(value), None
+        if value == 1:
+            return "constexpr", 1
+        return _int_type(value), DIVISIBLE if align and value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    raise TypeError(f"argument {name}: cannot pass {type(value).__name__} {value!r} to a Triton kernel")
+
+
+def bind_launch(fn, args, kwargs) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(bound arguments with defaults, compile options) of ``fn[grid](*args, **kwargs)``."""
+    names = [p.name for p in fn.params]
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    unknown = sorted(set(options) - option_names())
+    if unknown:
+        raise KeyError(f"keyword argument(s) {unknown} are neither parameters of {fn.fn.__name__} nor compile options")
+    bound = inspect.signature(fn.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in names})
+    bound.apply_defaults()
+    if getattr(fn, "debug", None) and "debug" not in options:
+        options["debug"] = True
+    return dict(bound.arguments), {k: v for k, v in options.items() if v is not None}
+
+
+def specialize(fn, bound: Dict[str, Any]):
+    """(signature, constexprs, attrs, per-parameter (type, spec)) for ``ASTSource``."""
+    signature, constexprs, attrs, specs = {}, {}, {}, []
+    for index, param in enumerate(fn.params):
+        kind, spec = specialize_arg(param, bound[param.name])
+        signature[param.name] = kind
+        specs.append((kind, spec))
+        if kind == "constexpr":
+            constexprs[(index,)] = spec
+        elif spec == DIVISIBLE:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs, specs
+
+
 _PROBE_SRC = '''import triton
 import triton.language as tl
 
 
-@triton.jit
-def _probe_kernel(x_ptr, n, BLOCK: tl.constexpr):
-    o = tl.arange(0, BLOCK)
-    tl.store(x_ptr + o, tl.load(x_ptr + o, mask=o < n) * 2.0, mask=o < n)
+@triton.jit(do_not_specialize=["m"])
+def _probe_kernel(x_ptr, y_ptr, n, m, one, scale, FLAG: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + o, mask=o < n) * scale * one
+    if FLAG:
+        v = v + m
+    tl.store(y_ptr + o, v.to(y_ptr.dtype.element_ty), mask=o < n)
+
+
+@triton.jit(do_not_specialize=["p", "d"], do_not_specialize_on_alignment=["q", "e"])
+def _spec_probe_kernel(p, q, r, a, b, c, d, e, f: tl.int64, g, h, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
+    pass
 '''
 
+# Argument sets for _spec_probe_kernel (p, q, r, a, b, c, d, e, f, g, h): aligned / unaligned /
+# bool tensors and ints at every specialisation edge, plus a bool, a float and None.
+_SPEC_PROBE_ARGS = (("aligned", "unaligned", "bool", 1, 16, 17, 16, 16, 16, 2**31, -2**31 - 1),
+                    ("unaligned", "aligned", "aligned", 0, -16, 2**40, 1, 1, 1, 2**63, True),
+                    ("aligned", "aligned", "unaligned", 32, 3.5, None, 17, 32, 7, -2**31, -16))
 
-def toolchain_problem() -> Optional[str]:
-    """Why sm_90 compilation cannot run here, None when a tiny kernel compiles to a cubin."""
+
+def toolchain_problem():
+    """Why sm_90 compilation cannot be driven here (a str), or a dict of findings when the probe
+    kernel compiles to a cubin.
+
+    The probe goes through every path the recorder uses (binding, specialisation of aligned and
+    unaligned pointers, a 16-divisible int, a do_not_specialize int, an int equal to 1, a float,
+    constexprs, launch options, ``triton.compile`` of an ``ASTSource``): it failing means this
+    Triton cannot be driven, not that a fusedskip kernel is wrong.
+    """
     try:
+        import torch
         from triton.runtime.jit import JITFunction
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "fusedskip_compile_probe.py")
@@ -156,21 +292,61 @@ def toolchain_problem() -> Optional[str]:
             fn = module._probe_kernel
             if not isinstance(fn, JITFunction):
                 return "triton.jit did not give a JITFunction (is TRITON_INTERPRET set?)"
-            options = _backend().parse_options({"num_warps": 4}).__dict__
-            kernel = compile_variant(fn, {"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {(2,): 128}, {},
-                                     options)
+            x = torch.zeros(64)
+            bound, options = bind_launch(fn, (x, torch.zeros(65, dtype=torch.float16)[1:], 64, 7, 1, 0.5),
+                                         {"FLAG": True, "BLOCK": 128, "num_warps": 4, "num_stages": 2})
+            signature, constexprs, attrs, _ = specialize(fn, bound)
+            expected = {"x_ptr": "*fp32", "y_ptr": "*fp16", "n": "i32", "m": "i32", "one": "constexpr",
+                        "scale": "fp32", "FLAG": "constexpr", "BLOCK": "constexpr"}
+            if signature != expected or sorted(attrs) != [(0,), (2,)]:
+                return f"the probe kernel's parameters read back as {signature} / divisibility {sorted(attrs)}"
+            kernel = compile_variant(fn, signature, constexprs, attrs, options)
+            drift = launcher_drift(module._spec_probe_kernel)
         if "cubin" not in kernel.asm:
             return "triton.compile produced no cubin for sm_90"
     except Exception as err:  # noqa: BLE001
-        return f"triton.compile for cuda sm_{TARGET_ARCH} is unavailable here: {type(err).__name__}: {err}"
-    return None
+        return f"triton.compile for cuda sm_{TARGET_ARCH} cannot be driven here: {type(err).__name__}: {err}"
+    return {"launcher_cross_check": drift}
+
+
+def launcher_drift(fn) -> str:
+    """Whether ``specialize`` agrees with this Triton's own launcher binder on ``_spec_probe_kernel``.
+
+    The binder is private (``create_function_from_signature``); where it cannot be called the
+    answer says so and nothing else depends on it. A disagreement means the recorder compiles
+    slightly different variants than a GPU launch would (update ``specialize_arg``): reported as a
+    warning by tests/test_gpu_compile.py, not a failure, since the compile check itself still holds.
+    """
+    import torch
+    tensors = {"aligned": torch.zeros(8), "unaligned": torch.zeros(9)[1:], "bool": torch.zeros(8, dtype=torch.bool)}
+    try:
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        binder = create_function_from_signature(fn.signature, fn.params, make_backend(_target()))
+        theirs = [binder(*(tensors.get(a, a) if isinstance(a, str) else a for a in args), BLOCK=64)[1]
+                  for args in _SPEC_PROBE_ARGS]
+    except Exception as err:  # noqa: BLE001 - a private API: only a cross-check
+        return f"not compared: the launcher's binder is not callable ({type(err).__name__}: {err})"
+
+    def norm(kind, spec):  # what reaches the compiler: type, constexpr value or divisibility
+        return (kind, spec if kind == "constexpr" else spec == DIVISIBLE)
+    diffs = []
+    for args, their_specs in zip(_SPEC_PROBE_ARGS, theirs):
+        bound, _ = bind_launch(fn, tuple(tensors.get(a, a) if isinstance(a, str) else a for a in args),
+                               {"BLOCK": 64})
+        for param, ours, their in zip(fn.params, specialize(fn, bound)[3], their_specs):
+            if norm(*ours) != norm(*tuple(their)[:2]):
+                diffs.append(f"{param.name}={bound[param.name]!r}: ours {ours}, launcher {tuple(their)[:2]}")
+    if diffs:
+        return "differs from the launcher: " + "; ".join(diffs)
+    return f"agrees with the launcher on {len(_SPEC_PROBE_ARGS)} argument sets"
 
 
 # ----------------------------------------------------------------------------------------------
 # Recording
 # ----------------------------------------------------------------------------------------------
 class Variant:
-    """One compilation: a kernel, its full specialisation and its launch options.
+    """One compilation: a kernel, its full specialisation and its compile options.
 
     ``features`` (name → str) describe the specialisation for the selection: declared constexprs
     (``repr`` of the value), pointer arguments (``*fp32`` / ``*fp32:D`` when 16-byte aligned),
@@ -179,7 +355,7 @@ class Variant:
     """
 
     def __init__(self, kid, module, name, signature, constexprs, attrs, options, features, declared,
-                 configs=None, option_kwargs=None, param_index=None):
+                 configs=None, param_index=None):
         self.kid, self.module, self.name = kid, module, name
         self.signature, self.constexprs, self.attrs, self.options = signature, constexprs, attrs, options
         self.features = features
@@ -190,7 +366,6 @@ class Variant:
         # Autotuned kernels: a call is recorded once (with config 0); `with_config` derives the
         # variant of another config (configs set only constexprs and launch options).
         self.configs = configs
-        self.option_kwargs = option_kwargs
         self.param_index = param_index
         self.config_index: Optional[int] = None
 
@@ -201,8 +376,9 @@ class Variant:
         for name, value in config.kwargs.items():
             constexprs[(self.param_index[name],)] = value
             features[name] = repr(value)
-        options = dict(_backend().parse_options({**self.option_kwargs, **config.all_kwargs()}).__dict__)
-        features["num_warps"] = str(options["num_warps"])
+        options = {k: v for k, v in self.options.items() if k not in _config_options(self.configs[0])}
+        options.update(_config_options(config))
+        features["num_warps"] = str(options.get("num_warps", 4))
         features["config"] = str(index)
         v = Variant(self.kid, self.module, self.name, self.signature, constexprs, self.attrs, options, features,
                     self.declared)
@@ -221,70 +397,59 @@ class Variant:
                 "signature": self.signature, "cases": self.cases[:3]}
 
 
+def _config_kwargs(config) -> Dict[str, Any]:
+    """What ``Autotuner.run`` adds to the launch kwargs for ``config`` (meta-parameters and options)."""
+    if hasattr(config, "all_kwargs"):
+        return dict(config.all_kwargs())
+    return {**config.kwargs, **_config_options(config)}
+
+
+def _config_options(config) -> Dict[str, Any]:
+    names = ("num_warps", "num_ctas", "num_stages", "maxnreg")
+    return {k: getattr(config, k) for k in names if getattr(config, k, None) is not None}
+
+
 class Recorder:
     def __init__(self):
         self.variants: Dict[tuple, Variant] = {}
         self.launches: Dict[str, int] = {}
         self.launch_errors: List[Dict[str, str]] = []
         self.case = "?"
-        self._binders: Dict[int, Callable] = {}
-        self._seen: Dict[tuple, Variant] = {}
-
-    def _binder(self, fn):
-        binder = self._binders.get(id(fn))
-        if binder is None:
-            from triton.runtime.jit import create_function_from_signature
-            binder = create_function_from_signature(fn.signature, fn.params, _backend())
-            self._binders[id(fn)] = binder
-        return binder
 
     def record(self, fn, args, kwargs, grid, configs=None):
-        """One launch of ``fn`` (``configs``: the autotuner's, recorded with the first)."""
-        from triton import knobs
+        """One launch ``fn[grid](*args, **kwargs)`` (``configs``: the autotuner's, recorded with the first)."""
         kid = kernel_id(fn)
         self.launches[kid] = self.launches.get(kid, 0) + 1
-        # What JITFunction.run adds to the launch kwargs before binding.
-        option_kwargs = {**kwargs, "debug": kwargs.get("debug", fn.debug) or knobs.runtime.debug,
-                         "instrumentation_mode": knobs.compilation.instrumentation_mode,
-                         "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts}
         try:
             if configs:
                 # Autotuner.run passes **kwargs, **config.all_kwargs(): a launcher must not set a tuned one.
-                conflicts = sorted(set(kwargs) & set(configs[0].all_kwargs()))
+                conflicts = sorted(set(kwargs) & set(_config_kwargs(configs[0])))
                 if conflicts:
                     raise ValueError(f"launch sets autotuned meta-parameters {conflicts}")
-            kwargs = {**option_kwargs, **configs[0].all_kwargs()} if configs else dict(option_kwargs)
-            bound_args, specialization, options = self._binder(fn)(*args, **kwargs)
+            bound, options = bind_launch(fn, args, {**kwargs, **(_config_kwargs(configs[0]) if configs else {})})
             # The launcher's grid must evaluate on the bound arguments, as JITFunction.run calls it.
             for config in (configs or [None]):
-                meta = bound_args if config is None else {**bound_args, **config.all_kwargs()}
+                meta = bound if config is None else {**bound, **config.kwargs}
                 g = grid(meta) if callable(grid) else grid
                 if not (isinstance(g, (tuple, list)) and 1 <= len(g) <= 3
                         and all(isinstance(v, int) and v >= 0 for v in g)):
                     raise TypeError(f"grid must be a tuple of 1 to 3 ints >= 0, got {g!r}")
-            seen_key = (id(fn), tuple(map(tuple, specialization)),
-                        tuple(sorted((k, repr(v)) for k, v in options.items())))
-            known = self._seen.get(seen_key)
-            if known is None:
-                packed = fn._pack_args(_backend(), kwargs, bound_args, specialization, options)
+            signature, constexprs, attrs, specs = specialize(fn, bound)
         except Exception as err:  # a launch Triton itself would refuse
             self.launch_errors.append({"kernel": kid, "case": self.case, "error": f"{type(err).__name__}: {err}",
                                        "traceback": traceback.format_exc(limit=6)})
             return
-        if known is None:
-            known = self._new_variant(fn, kid, specialization, packed, configs, option_kwargs)
-            known = self.variants.setdefault(known.key, known)
-            self._seen[seen_key] = known
-        if len(known.cases) < 3 and self.case not in known.cases:
-            known.cases.append(self.case)
+        variant = self._new_variant(fn, kid, signature, constexprs, attrs, options, specs, configs)
+        variant = self.variants.setdefault(variant.key, variant)
+        if len(variant.cases) < 3 and self.case not in variant.cases:
+            variant.cases.append(self.case)
 
     @staticmethod
-    def _new_variant(fn, kid, specialization, packed, configs, option_kwargs) -> Variant:
-        options, signature, constexprs, attrs = packed
+    def _new_variant(fn, kid, signature, constexprs, attrs, options, specs, configs) -> Variant:
         tuned = set(configs[0].kwargs) if configs else set()
         features: Dict[str, str] = {}
         declared: List[str] = []
-        for param, (kind, value) in zip(fn.params, (s[:2] for s in specialization)):
+        for param, (kind, value) in zip(fn.params, specs):
             if param.name in tuned:  # set per config by with_config
                 continue
             if param.is_constexpr:
@@ -296,37 +461,35 @@ class Recorder:
             else:
                 features[param.name] = kind + (f":{value}" if value else "")
         if not configs:
-            features["num_warps"] = str(options.num_warps)
-        return Variant(kid, fn.fn.__module__, fn.fn.__name__, signature, dict(constexprs), dict(attrs),
-                       dict(options.__dict__), features, declared,
-                       configs=list(configs) if configs else None, option_kwargs=option_kwargs,
-                       param_index={p.name: p.num for p in fn.params})
+            features["num_warps"] = str(options.get("num_warps", 4))
+        return Variant(kid, fn.fn.__module__, fn.fn.__name__, signature, constexprs, attrs, options, features,
+                       declared, configs=list(configs) if configs else None,
+                       param_index={p.name: i for i, p in enumerate(fn.params)})
 
 
 RECORDER = Recorder()
 
 
 def install_hooks(kernel_modules) -> None:
-    """Launch nothing, record; the public ops take the Triton path on CPU tensors."""
+    """``kernel[grid](...)`` records instead of launching; the public ops take the Triton path on CPU tensors."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     import fusedskip.backend
 
-    def jit_run(self, *args, grid, warmup, **kwargs):
-        RECORDER.record(self, args, kwargs, grid)
-        return None
+    def jit_getitem(self, grid):
+        return lambda *args, **kwargs: RECORDER.record(self, args, kwargs, grid)
 
-    def autotuner_run(self, *args, **kwargs):
-        grid = kwargs.pop("grid")
-        kwargs.pop("warmup", None)
-        if _jit_function(self) is not self.fn:
-            raise NotImplementedError(f"{self.fn!r}: an autotuner over heuristics is not recorded")
-        RECORDER.record(self.fn, args, kwargs, grid, configs=self.configs)
-        return None
+    def autotuner_getitem(self, grid):
+        def launch(*args, **kwargs):
+            fn = _jit_function(self)
+            if fn is not self.fn:
+                raise NotImplementedError(f"{self.fn!r}: an autotuner over heuristics is not recorded")
+            RECORDER.record(fn, args, kwargs, grid, configs=list(self.configs))
+        return launch
 
-    JITFunction.run = jit_run
-    Autotuner.run = autotuner_run
+    JITFunction.__getitem__ = jit_getitem
+    Autotuner.__getitem__ = autotuner_getitem
     fusedskip.backend.interpreter_active = lambda: True
     fusedskip.backend.set_backend("triton")
 
@@ -351,226 +514,9 @@ def forced_int64(kernel_modules):
             module.needs_int64 = fn
 
 
-# ----------------------------------------------------------------------------------------------
-# Driving the public ops. Each driver resolves the API it needs first (a missing op or class
-# skips the driver with the reason), then yields (label, case) pairs.
-# ----------------------------------------------------------------------------------------------
-ACTS = ("identity", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh")
-LAYOUTS = ("nchw", "channels_last", "strided")
-Cases = Iterable[Tuple[str, Callable[[], None]]]
-
-
-def _dtypes():
-    import torch
-    return (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def make(shape, dtype, layout="nchw", requires_grad=False):
-    """A [N, C, H, W] tensor; ``strided``: a view whose (H, W) do not merge into one stride (every
-    other column of a wider tensor, channels permuted; its data pointer is not 16-byte aligned)."""
-    import torch
-    n, c, h, w = shape
-    if layout == "strided":
-        x = torch.randn(n, h, c, 2 * w + 1, dtype=dtype).permute(0, 2, 1, 3)[..., 1::2]
-    elif layout == "channels_last":
-        x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    else:
-        x = torch.randn(shape, dtype=dtype)
-    assert tuple(x.shape) == tuple(shape)
-    return x.requires_grad_(requires_grad)
-
-
-def backward(out, how: str = "randn"):
-    import torch
-    if how == "sum":  # an expanded (stride-0) incoming gradient
-        out.float().sum().backward()
-    elif how == "channels_last":
-        out.backward(torch.randn_like(out).contiguous(memory_format=torch.channels_last))
-    else:
-        out.backward(torch.randn_like(out))
-
-
-def cases_gated_skip() -> Cases:
-    import torch
-
-    from fusedskip.ops.gated_skip import GatedSkip, gated_skip_add
-    shape = (2, 8, 5, 6)
-    for dtype, layout, gate_kind in itertools.product(_dtypes(), LAYOUTS, ("float", "scalar", "channel")):
-        def case(dtype=dtype, layout=layout, gate_kind=gate_kind):
-            gate = {"float": 0.7, "scalar": torch.tensor([0.5], requires_grad=True),
-                    "channel": torch.rand(shape[1], requires_grad=True)}[gate_kind]
-            backward(gated_skip_add(make(shape, dtype, layout, True), make(shape, dtype, layout, True), gate))
-        yield f"gated_skip_add {dtype} {layout} gate={gate_kind}", case
-    for dtype in _dtypes():
-        def no_dskip(dtype=dtype):  # NEED_DSKIP off, NEED_DGATE on; mixed layouts
-            out = gated_skip_add(make(shape, dtype, "nchw", True), make(shape, dtype, "channels_last"),
-                                 torch.rand(shape[1], requires_grad=True))
-            backward(out, "sum")
-        yield f"gated_skip_add {dtype} skip without grad", no_dskip
-    for kind in ("softplus", "softplus_channel", "sigmoid_channel", 0.5):
-        for shp, layout in (((1, 1, 7, 3), "channels_last"), ((2, 3, 1, 1), "nchw"), ((2, 64, 48, 48), "nchw"),
-                            ((2, 256, 16, 16), "channels_last"), ((3, 5, 6, 1), "strided")):
-            def module_case(kind=kind, shp=shp, layout=layout):
-                m = GatedSkip(shp[1], gate=kind)
-                out = m(make(shp, torch.float32, layout, True), make(shp, torch.float32, layout, True))
-                backward(out, "channels_last")
-            yield f"GatedSkip({kind}) {shp} {layout}", module_case
-
-
-def cases_group_norm() -> Cases:
-    import torch
-
-    from fusedskip.ops.group_norm_act import GroupNormAct, InstanceNormAct2d, group_norm_act
-    shape, groups = (2, 8, 5, 6), 4
-    c = shape[1]
-    for dtype, layout, act, has_skip in itertools.product(_dtypes(), LAYOUTS, ACTS, (False, True)):
-        def case(dtype=dtype, layout=layout, act=act, has_skip=has_skip):
-            w = torch.rand(c, dtype=dtype, requires_grad=True)
-            b = torch.rand(c, dtype=dtype, requires_grad=True)
-            skip = make(shape, dtype, layout, True) if has_skip else None
-            gate = torch.rand(c, requires_grad=True) if has_skip else None
-            backward(group_norm_act(make(shape, dtype, layout, True), groups, w, b, 1e-5, act, 0.2,
-                                    skip=skip, gate=gate))
-        yield f"group_norm_act {dtype} {layout} {act} skip={has_skip}", case
-    # Weight only / bias only / neither, as fp32 parameters with any x (autocast).
-    for dtype, (has_w, has_b), act in itertools.product(_dtypes(), ((True, False), (False, True), (False, False)),
-                                                        ("relu", "gelu")):
-        def affine_case(dtype=dtype, has_w=has_w, has_b=has_b, act=act):
-            w = torch.rand(c, requires_grad=True) if has_w else None
-            b = torch.rand(c, requires_grad=True) if has_b else None
-            backward(group_norm_act(make(shape, dtype, "nchw", True), groups, w, b, 1e-5, act), "sum")
-        yield f"group_norm_act {dtype} weight={has_w} bias={has_b} {act}", affine_case
-    # The needs_input_grad combinations; scalar and float gates.
-    for dtype, (x_grad, skip_grad, gate_kind) in itertools.product(
-            _dtypes(), ((False, True, "channel"), (True, False, "scalar"), (False, False, "channel"),
-                        (True, True, "float"), (False, False, "float"))):
-        def grads_case(dtype=dtype, x_grad=x_grad, skip_grad=skip_grad, gate_kind=gate_kind):
-            gate = {"float": 0.3, "scalar": torch.tensor(0.5, requires_grad=True),
-                    "channel": torch.rand(c, requires_grad=True)}[gate_kind]
-            w = torch.rand(c, dtype=dtype, requires_grad=True)
-            backward(group_norm_act(make(shape, dtype, "channels_last", x_grad), 2, w, None, 1e-5, "silu",
-                                    skip=make(shape, dtype, "nchw", skip_grad), gate=gate))
-        yield f"group_norm_act {dtype} x.grad={x_grad} skip.grad={skip_grad} gate={gate_kind}", grads_case
-    # Shapes that move tiles, chunks and the ints specialised to 1 (N, C/G, H, W = 1; S > tile).
-    for (shp, g), layout in itertools.product(
-            (((1, 1, 1, 3), 1), ((1, 4, 1, 1), 2), ((2, 3, 7, 1), 3), ((1, 64, 48, 48), 32),
-             ((4, 256, 8, 8), 32), ((2, 96, 33, 17), 32)), LAYOUTS):
-        def module_case(shp=shp, g=g, layout=layout):
-            backward(GroupNormAct(g, shp[1], act="silu")(make(shp, torch.float32, layout, True)))
-        yield f"GroupNormAct({g}, {shp[1]}) {shp} {layout}", module_case
-    for dtype, affine in itertools.product(_dtypes(), (False, True)):
-        def instance_case(dtype=dtype, affine=affine):
-            m = InstanceNormAct2d(6, affine=affine, act="leaky_relu").to(dtype)
-            backward(m(make((2, 6, 9, 10), dtype, "channels_last", True)))
-        yield f"InstanceNormAct2d {dtype} affine={affine}", instance_case
-
-
-def cases_skip_norm_act() -> Cases:
-    from fusedskip.ops.skip_norm_act import SkipNormAct
-    shape = (2, 8, 5, 6)
-    for dtype, layout, gate in itertools.product(_dtypes(), LAYOUTS, ("softplus", "softplus_channel", 0.5)):
-        def group_case(dtype=dtype, layout=layout, gate=gate):
-            m = SkipNormAct(shape[1], norm="group", num_groups=4, act="gelu_tanh", gate=gate).to(dtype)
-            backward(m(make(shape, dtype, layout, True), make(shape, dtype, layout, True)))
-        yield f"SkipNormAct(group) {dtype} {layout} gate={gate}", group_case
-    for dtype, layout, training, track in itertools.product(_dtypes(), LAYOUTS, (True, False), (True, False)):
-        def batch_case(dtype=dtype, layout=layout, training=training, track=track):
-            m = SkipNormAct(shape[1], norm="batch", act="relu", gate="sigmoid_channel", track_running_stats=track)
-            m.train(training)
-            backward(m(make(shape, dtype, layout, True), make(shape, dtype, layout, True)))
-        yield f"SkipNormAct(batch) {dtype} {layout} training={training} track={track}", batch_case
-
-
-def cases_batch_norm() -> Cases:
-    import torch
-
-    from fusedskip.ops.batch_norm_act import BatchNormAct2d, batch_norm_act
-    shape = (2, 8, 5, 6)
-    c = shape[1]
-    for dtype, layout, act, training, has_skip in itertools.product(_dtypes(), LAYOUTS, ACTS, (True, False),
-                                                                    (False, True)):
-        def case(dtype=dtype, layout=layout, act=act, training=training, has_skip=has_skip):
-            m = BatchNormAct2d(c, act=act, negative_slope=0.1).to(dtype).train(training)
-            x = make(shape, dtype, layout, True)
-            out = m(x, make(shape, dtype, layout, True), torch.rand(c, requires_grad=True)) if has_skip else m(x)
-            backward(out)
-        yield f"BatchNormAct2d {dtype} {layout} {act} training={training} skip={has_skip}", case
-    # Weight only / bias only / neither, as fp32 parameters with any x.
-    for dtype, (has_w, has_b), training in itertools.product(
-            _dtypes(), ((False, False), (True, False), (False, True)), (True, False)):
-        def affine_case(dtype=dtype, has_w=has_w, has_b=has_b, training=training):
-            w = torch.rand(c, requires_grad=True) if has_w else None
-            b = torch.rand(c, requires_grad=True) if has_b else None
-            out = batch_norm_act(make(shape, dtype, "nchw", True), torch.zeros(c), torch.ones(c), w, b, training,
-                                 0.1, 1e-5, "silu")
-            backward(out, "sum")
-        yield f"batch_norm_act {dtype} weight={has_w} bias={has_b} training={training}", affine_case
-    # Cumulative average (momentum=None), no running statistics (eval then uses batch statistics).
-    for dtype, momentum, track in itertools.product(_dtypes(), (0.1, None), (True, False)):
-        def stats_case(dtype=dtype, momentum=momentum, track=track):
-            m = BatchNormAct2d(c, momentum=momentum, track_running_stats=track, affine=False, act="gelu")
-            backward(m(make(shape, dtype, "channels_last", True)))
-            m.eval()
-            backward(m(make(shape, dtype, "channels_last", True)))
-        yield f"BatchNormAct2d {dtype} momentum={momentum} track={track}", stats_case
-    # The needs_input_grad combinations; scalar and float gates.
-    for dtype, (x_grad, skip_grad, gate_kind), training in itertools.product(
-            _dtypes(), ((False, True, "channel"), (True, False, "scalar"), (False, False, "channel"),
-                        (True, True, "float"), (False, True, "float")), (True, False)):
-        def grads_case(dtype=dtype, x_grad=x_grad, skip_grad=skip_grad, gate_kind=gate_kind, training=training):
-            m = BatchNormAct2d(c, act="leaky_relu").train(training)
-            gate = {"float": 0.3, "scalar": torch.tensor([0.5], requires_grad=True),
-                    "channel": torch.rand(c, requires_grad=True)}[gate_kind]
-            out = m(make(shape, dtype, "strided", x_grad), make(shape, dtype, "nchw", skip_grad), gate)
-            backward(out, "channels_last")
-        yield (f"BatchNormAct2d {dtype} x.grad={x_grad} skip.grad={skip_grad} gate={gate_kind} "
-               f"training={training}"), grads_case
-    # Shapes that move tiles, row splits and the ints specialised to 1.
-    for (shp, layout), training in itertools.product(
-            (((2, 1, 1, 1), "nchw"), ((1, 3, 1, 5), "channels_last"), ((2, 5, 7, 1), "strided"),
-             ((8, 16, 48, 48), "nchw"), ((4, 512, 8, 8), "channels_last"), ((16, 3, 64, 64), "channels_last"),
-             ((2, 96, 33, 17), "strided")), (True, False)):
-        def shape_case(shp=shp, layout=layout, training=training):
-            m = BatchNormAct2d(shp[1], act="relu").train(training)
-            backward(m(make(shp, torch.float32, layout, True)))
-        yield f"BatchNormAct2d {shp} {layout} training={training}", shape_case
-    # SyncBatchNorm's merge of per-rank statistics (fusedskip.distributed), called directly.
-    for dtype, track in itertools.product((torch.float32, torch.float64), (True, False)):
-        def merge_case(dtype=dtype, track=track):
-            counts = torch.tensor([12.0, 20.0, 7.0], dtype=dtype)
-            rm, rv = (torch.zeros(c), torch.ones(c)) if track else (None, None)
-            torch.ops.fusedskip.batch_norm_act_merge_stats(
-                counts, torch.randn(3, c, dtype=dtype), torch.rand(3, c, dtype=dtype), rm, rv,
-                torch.tensor(3) if track else None, 0.0, 1e-5)
-        yield f"batch_norm_act_merge_stats {dtype} running={track}", merge_case
-
-
-def cases_conv_norm_act() -> Cases:
-    import torch
-
-    from fusedskip.ops.conv_norm_act import ConvNormAct
-    for norm, bias, training, layout in itertools.product(("batch", "group", "instance", None), (None, True),
-                                                          (True, False), ("nchw", "channels_last")):
-        def case(norm=norm, bias=bias, training=training, layout=layout):
-            m = ConvNormAct(3, 16, 3, norm=norm, num_groups=4, bias=bias, act="silu").train(training)
-            if layout == "channels_last":
-                m = m.to(memory_format=torch.channels_last)
-            x = make((2, 3, 9, 8), torch.float32, layout, True)
-            backward(m(x))
-            if norm == "batch" and not training:
-                backward(m.fold_bn()(x))
-        yield f"ConvNormAct norm={norm} bias={bias} training={training} {layout}", case
-
-
-DRIVERS = (("gated_skip_add / GatedSkip", cases_gated_skip),
-           ("group_norm_act / GroupNormAct / InstanceNormAct2d", cases_group_norm),
-           ("SkipNormAct (group, batch)", cases_skip_norm_act),
-           ("batch_norm_act / BatchNormAct2d", cases_batch_norm),
-           ("ConvNormAct", cases_conv_norm_act))
-
-
-def drive(kernel_modules, int64_pass: bool = True) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
-    """Run every case, then again with int64 indexing forced: (driver errors, skipped ops)."""
+def drive(drivers, kernel_modules, int64_pass: bool = True) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
+    """Run every case of ``drivers`` ((op, yields (label, case))), then again with int64 indexing
+    forced: (driver errors, skipped ops)."""
     import torch
     errors: List[Dict[str, str]] = []
     skipped: Dict[str, str] = {}
@@ -578,7 +524,7 @@ def drive(kernel_modules, int64_pass: bool = True) -> Tuple[List[Dict[str, str]]
     if int64_pass:
         passes.append(("[int64] ", lambda: forced_int64(kernel_modules)))
     for prefix, context in passes:
-        for op, driver in DRIVERS:
+        for op, driver in drivers:
             if op in skipped:
                 continue
             try:
@@ -688,6 +634,8 @@ def select(variants: List[Variant], coverage: str = "default") -> List[Variant]:
     return chosen
 
 
+
+
 # ----------------------------------------------------------------------------------------------
 # Compilation (spawned worker processes)
 # ----------------------------------------------------------------------------------------------
@@ -714,64 +662,30 @@ def compile_job(job) -> Dict[str, Any]:
     return {"ok": error is None, "error": error, "seconds": round(time.perf_counter() - start, 3)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", required=True, help="where to write the report")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--coverage", choices=COVERAGES, default="default")
-    parser.add_argument("--no-int64-pass", action="store_true")
-    parser.add_argument("--dry-run", action="store_true", help="record and select only")
-    args = parser.parse_args(argv)
+def op_drivers():
+    """The public-op drivers of tests/compile_cases.py (beside this file)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("compile_cases").DRIVERS
 
-    def write(report):
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
 
-    t0 = time.perf_counter()
-    report: Dict[str, Any] = {"target": f"cuda sm_{TARGET_ARCH}", "coverage": args.coverage}
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        report["unavailable"] = "TRITON_INTERPRET is set: triton.jit gives interpreted functions"
-        write(report)
-        return 0
-    problem = triton_api_problem()
-    if problem is not None:
-        report["unavailable"] = problem
-        write(report)
-        return 0
+def load_extra(path: str):
+    """(kernels, drivers) of an ``--extra-kernels`` file: its ``_*_kernel`` kernels and ``CASES()``.
 
-    workers = max(1, args.workers)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init)
-    try:
-        probe = pool.submit(toolchain_problem)  # workers start (and probe) while the parent records
+    Its folder goes on ``sys.path`` (before the workers spawn) so workers import it by name."""
+    folder, stem = os.path.split(os.path.abspath(path))
+    sys.path.insert(0, folder)
+    module = importlib.import_module(os.path.splitext(stem)[0])
+    return module_kernels(module), [(f"extra kernels {stem}", module.CASES)]
 
-        import torch
-        import triton
-        report["triton"], report["torch"] = triton.__version__, torch.__version__
-        kernels, kernel_modules = discover_kernels()
-        install_hooks(kernel_modules)
-        t1 = time.perf_counter()
-        driver_errors, skipped = drive(kernel_modules, int64_pass=not args.no_int64_pass)
-        report["record_s"] = round(time.perf_counter() - t1, 2)
-        variants = list(RECORDER.variants.values())
-        selected = [] if args.dry_run else select(variants, args.coverage)
 
-        problem = probe.result()
-        if problem is not None:
-            report["unavailable"] = problem
-            write(report)
-            return 0
-        t2 = time.perf_counter()
-        results = list(pool.map(compile_job, [v.job() for v in selected]))
-        report["compile_s"] = round(time.perf_counter() - t2, 2)
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-    per_kernel = {kid: {"launches": RECORDER.launches.get(kid, 0), "variants_recorded": 0,
-                        "variants_compiled": 0, "compile_errors": 0, "compile_s": 0.0} for kid in kernels}
+def summarise(kernels, variants, selected, results) -> Dict[str, Any]:
+    """The per-kernel part of the report."""
+    blank = {"launches": 0, "variants_recorded": 0, "variants_compiled": 0, "compile_errors": 0, "compile_s": 0.0}
+    per_kernel = {kid: dict(blank, launches=RECORDER.launches.get(kid, 0)) for kid in kernels}
     for v in variants:
-        per_kernel.setdefault(v.kid, {"launches": RECORDER.launches.get(v.kid, 0), "variants_recorded": 0,
-                                      "variants_compiled": 0, "compile_errors": 0, "compile_s": 0.0})
+        per_kernel.setdefault(v.kid, dict(blank, launches=RECORDER.launches.get(v.kid, 0)))
         per_kernel[v.kid]["variants_recorded"] += 1
     compile_errors = []
     compiled_values: Dict[str, Dict[str, set]] = {kid: {} for kid in per_kernel}
@@ -785,7 +699,7 @@ def main(argv=None) -> int:
         else:
             entry["compile_errors"] += 1
             compile_errors.append({**v.describe(), "error": res["error"]})
-    report.update({
+    return {
         "kernels": per_kernel,
         "never_launched": sorted(kid for kid in kernels if per_kernel[kid]["launches"] == 0),
         "never_compiled": sorted(kid for kid in kernels if per_kernel[kid]["variants_compiled"] == 0),
@@ -793,6 +707,75 @@ def main(argv=None) -> int:
         "constexpr_values_compiled": {kid: {name: sorted(vals) for name, vals in d.items()}
                                       for kid, d in compiled_values.items()},
         "compile_errors": compile_errors,
+    }
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, help="where to write the report")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--coverage", choices=COVERAGES, default="default")
+    parser.add_argument("--no-int64-pass", action="store_true")
+    parser.add_argument("--extra-kernels", help="a file with _*_kernel kernels and CASES() to compile too")
+    parser.add_argument("--only-extra", action="store_true", help="drive the --extra-kernels cases alone")
+    parser.add_argument("--dry-run", action="store_true", help="record and select only")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def write(report):
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+    t0 = time.perf_counter()
+    report: Dict[str, Any] = {"target": f"cuda sm_{TARGET_ARCH}", "coverage": args.coverage,
+                              "triton": triton_version().removeprefix("triton ")}
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        report["unavailable"] = "TRITON_INTERPRET is set: triton.jit gives interpreted functions"
+    else:
+        report["unavailable"] = triton_api_problem()
+    if report["unavailable"] is not None:
+        write(report)
+        return 0
+    del report["unavailable"]
+
+    import torch
+    report["torch"] = torch.__version__
+    kernels, kernel_modules = discover_kernels()
+    drivers = () if args.only_extra else op_drivers()
+    if args.only_extra:
+        kernels = {}
+    if args.extra_kernels:
+        extra_kernels, extra_drivers = load_extra(args.extra_kernels)
+        kernels.update(extra_kernels)
+        drivers = tuple(drivers) + tuple(extra_drivers)
+
+    pool = ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
+    try:
+        probe = pool.submit(toolchain_problem)  # workers start (and probe) while the parent records
+        install_hooks(kernel_modules)
+        t1 = time.perf_counter()
+        driver_errors, skipped = drive(drivers, kernel_modules, int64_pass=not (args.no_int64_pass or args.only_extra))
+        report["record_s"] = round(time.perf_counter() - t1, 2)
+        variants = list(RECORDER.variants.values())
+        selected = [] if args.dry_run else select(variants, args.coverage)
+        problem = probe.result()
+        if isinstance(problem, str):
+            report["unavailable"] = f"triton {report['triton']}: {problem}"
+            write(report)
+            return 0
+        report.update(problem)
+        t2 = time.perf_counter()
+        results = list(pool.map(compile_job, [v.job() for v in selected]))
+        report["compile_s"] = round(time.perf_counter() - t2, 2)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+    report.update(summarise(kernels, variants, selected, results))
+    report.update({
         "launch_errors": RECORDER.launch_errors,
         "driver_errors": driver_errors,
         "skipped_ops": skipped,
