@@ -410,6 +410,15 @@ class ResidualBlock(nn.Module):
         return self.relu(x + self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
 
+class DataDependentBlock(ResidualBlock):
+    """Control flow on tensor values: torch.fx cannot trace it, and no rule covers it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.relu(self.bn1(self.conv1(x)))
+        return self.conv2(x)
+
+
 def _unsafe_cases():
     shared_act = nn.ReLU()
     shared_norm = nn.BatchNorm2d(4)
@@ -433,7 +442,7 @@ def _unsafe_cases():
         "BatchNorm subclass": (nn.Sequential(conv(), BFBatchNorm2d(4), nn.ReLU()), "subclasses nn.BatchNorm2d"),
         "bias-free norm": (nn.Sequential(conv(), nn.BatchNorm2d(4, bias=False), nn.ReLU()), "bias-free"),
         "PReLU": (nn.Sequential(conv(), nn.BatchNorm2d(4), nn.PReLU()), "PReLU"),
-        "ReLU6": (nn.Sequential(conv(), nn.BatchNorm2d(4), nn.ReLU6()), "ReLU6 has no fused kernel"),
+        "Tanh": (nn.Sequential(conv(), nn.BatchNorm2d(4), nn.Tanh()), "Tanh has no fused kernel"),
         "LayerNorm": (nn.Sequential(conv(), nn.LayerNorm(5), nn.ReLU()), "LayerNorm"),
         "3-D norm": (nn.Sequential(nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4), nn.ReLU()), "not a 2-D norm"),
         "InstanceNorm with running stats": (nn.Sequential(conv(), nn.InstanceNorm2d(4, track_running_stats=True),
@@ -441,7 +450,7 @@ def _unsafe_cases():
         "GroupNorm of unknown rank": (nn.Sequential(nn.GroupNorm(2, 4), nn.SiLU()), "assume_2d=True"),
         "instance-level forward": (nn.Sequential(conv(), patched, nn.ReLU()), "instance-level forward"),
         "parametrized norm": (nn.Sequential(conv(), parametrized, nn.ReLU()), "parametrized"),
-        "non-Sequential block": (nn.Sequential(ResidualBlock(4)), "not an nn.Sequential"),
+        "untraceable non-Sequential block": (nn.Sequential(DataDependentBlock(4)), "cannot be traced by torch.fx"),
     }
 
 
@@ -545,14 +554,16 @@ def test_meta_device_and_half_precision():
 
 def test_report_is_readable():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                          nn.BatchNorm2d(4), nn.PReLU(), ResidualBlock(4))
+                          nn.BatchNorm2d(4), nn.PReLU(), DataDependentBlock(4))
     _, report = convert(model)
     text = str(report)
     assert text.startswith("fusedskip.convert: 1 replaced, 2 left")
+    assert "coverage: 1/3 norm layers fused (33.3 %), 2 left" in text, text
     assert "1: BatchNorm2d(4) + ReLU() -> BatchNormAct2d(4, act=relu)" in text, text
     assert "PReLU is a learnable activation" in text and "at 4" in text
-    assert "ResidualBlock is not an nn.Sequential" in text and "at 6.bn1" in text
+    assert "DataDependentBlock's forward cannot be traced by torch.fx" in text and "at 6.bn1" in text
     assert report.counts() == {"sequential:conv-norm-act": 1}
+    assert (report.norms_total, report.norms_fused, len(report.norms_left)) == (3, 1, 2)
 
 
 # ============================================================================================
@@ -728,10 +739,11 @@ def test_timm_norm_act_modules():
         layers.ConvNormAct(8, 8, 3, act_layer="gelu"),
         layers.ConvNormAct(8, 8, 1, act_layer="relu", apply_act=False),
         layers.ConvNormAct(8, 8, 1, act_layer="hard_swish"),
+        layers.ConvNormAct(8, 8, 1, act_layer="tanh"),
     )
     converted, report = convert_copy(model)
-    assert report.counts() == {"timm:norm-act": 4}
-    assert any("Hardswish has no fused kernel" in r for r in left_reasons(report, "BatchNormAct2d"))
+    assert report.counts() == {"timm:norm-act": 5}
+    assert any("Tanh has no fused kernel" in r for r in left_reasons(report, "BatchNormAct2d"))
     assert type(converted[0].bn) is BatchNormAct2d and type(converted[1].bn) is GroupNormAct
     assert_same_behaviour(model, converted, [torch.randn(2, 3, 6, 6)])
     restored, _ = unconvert(converted)

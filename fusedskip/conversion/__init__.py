@@ -66,7 +66,7 @@ __all__ = ["convert", "unconvert", "ConversionReport", "Replaced", "Left", "Fuse
 
 def convert(model: nn.Module, *, norms: Sequence[str] = NORM_FAMILIES, activations: Optional[Sequence[str]] = None,
             norm_without_act: bool = True, assume_2d: bool = False, concat_to_add: bool = False,
-            exclude: Sequence[str] = (), libraries: bool = True,
+            exclude: Sequence[str] = (), libraries: bool = True, graph: bool = True,
             inplace: bool = True) -> Tuple[nn.Module, ConversionReport]:
     """Put fused modules in place of the norm + activation patterns fusedskip recognises.
 
@@ -83,6 +83,9 @@ def convert(model: nn.Module, *, norms: Sequence[str] = NORM_FAMILIES, activatio
         exclude: module paths (or fnmatch patterns) whose subtrees are left alone, e.g.
             ``["encoder"]``.
         libraries: apply the per-library block rules (torchvision, smp, MONAI, diffusers).
+        graph: trace the forward of other blocks that hold norms (torch.fx, one level) and fuse the
+            norm -> activation chains found there (attribute and functional style; see
+            :mod:`fusedskip.conversion.graph`).
         inplace: modify ``model`` itself (default, like ``convert_sync_batchnorm``) or a deep copy.
 
     Returns:
@@ -93,7 +96,7 @@ def convert(model: nn.Module, *, norms: Sequence[str] = NORM_FAMILIES, activatio
     """
     return convert_model(model, norms=norms, activations=activations, norm_without_act=norm_without_act,
                          assume_2d=assume_2d, concat_to_add=concat_to_add, exclude=exclude,
-                         libraries=libraries, inplace=inplace)
+                         libraries=libraries, inplace=inplace, graph=graph)
 
 
 def unconvert(model: nn.Module, *, inplace: bool = True) -> Tuple[nn.Module, ConversionReport]:

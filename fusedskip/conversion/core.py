@@ -35,10 +35,12 @@ import torch
 from torch import nn
 
 from ..activations import resolve_activation
+from .interop import fx_leaf_call
 from .report import ConversionReport, Left, Replaced
 
 NORM_FAMILIES = ("batch", "group", "instance")
-ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh")
+ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "relu6", "hardswish", "hardsigmoid", "sigmoid",
+               "mish", "elu")
 _SHELL = "_fusedskip_original"          # attribute on fused modules / FusedIdentity
 _RESTORES_TO = "_fusedskip_restores_to"  # class attribute of swapped block classes
 _IRREVERSIBLE = "_fusedskip_irreversible"
@@ -68,6 +70,10 @@ class FusedIdentity(nn.Identity):
     @property
     def original(self) -> Optional[nn.Module]:
         return self.__dict__.get(_SHELL)
+
+    def forward(self, x):
+        traced = fx_leaf_call(self, x)  # torch.fx: keep the slot as a node (feature extractors name it)
+        return x if traced is None else traced
 
     def extra_repr(self) -> str:
         return f"{self.original!r} runs fused in {self.into!r}"
@@ -152,6 +158,8 @@ def norm_like(m: nn.Module) -> bool:
         known = known + (nn.RMSNorm,)
     if isinstance(m, known):
         return True
+    if any(is_conv(c) or norm_like(c) for c in m.children()):
+        return False  # a container (timm ConvNormAct, a conv-norm block), not a norm layer
     name = type(m).__name__
     return name.endswith(("NormAct", "NormAct2d", "ABN", "ABNSync")) or ("Norm" in name and not m._modules)
 
@@ -171,7 +179,8 @@ def _optional_attr(module_name: str, attr: str):
 def activation_spec(act: nn.Module) -> Tuple[str, float]:
     """``(name, negative_slope)`` of a supported activation module (exact types), else _Refuse."""
     t = type(act)
-    if t in (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU):
+    if t in (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Mish,
+             nn.ELU):
         return resolve_activation(act)
     timm_gelu = _optional_attr("timm.layers.activations", "GELU")
     timm_gelu_tanh = _optional_attr("timm.layers.activations", "GELUTanh")
@@ -190,7 +199,7 @@ def activation_spec(act: nn.Module) -> Tuple[str, float]:
     if t is nn.PReLU:
         raise _Refuse("PReLU is a learnable activation with no fused kernel")
     raise _Refuse(f"activation {t.__name__} has no fused kernel (supported: ReLU, LeakyReLU, SiLU, "
-                  "GELU, exact types)")
+                  "GELU, ReLU6, Hardswish, Hardsigmoid, Sigmoid, Mish, ELU, exact types)")
 
 
 def looks_like_activation(m: Optional[nn.Module]) -> bool:
@@ -269,7 +278,7 @@ def type_reason(m: nn.Module) -> str:
 
 def _build_fused(norm: nn.Module, family: str, act: str, slope: float) -> nn.Module:
     """Build the fused module for ``norm`` on the meta device and hand it norm's tensors."""
-    neg = slope if act == "leaky_relu" else None
+    neg = slope if act in ("leaky_relu", "elu") else None
     if family == "batch":
         cls = _fused_class("fusedskip.ops.batch_norm_act", "BatchNormAct2d")
         kwargs = dict(num_features=norm.num_features, eps=norm.eps, momentum=norm.momentum,
@@ -367,6 +376,7 @@ class Context:
         self.concat_to_add = concat_to_add
         self.exclude = tuple(exclude)
         self.libraries = libraries
+        self.graph = True
         self.slot_refs: Counter = Counter()
         self.paths: Dict[int, str] = {}
         self.parents: Dict[int, Tuple[nn.Module, str]] = {}
@@ -468,6 +478,7 @@ class Context:
         path = self.paths.get(id(parent), "")
         norm = parent._modules[norm_name]
         object.__setattr__(fused, _SHELL, make_shell(norm))
+        object.__setattr__(fused, "_fusedskip_path", join(path, norm_name))  # named in errors/warnings
         self.replace(parent, norm_name, fused)
         also = list(extra_also)
         before = describe(norm) + act_note
@@ -595,6 +606,9 @@ def visit(ctx: Context, module: nn.Module, path: str, pred: Optional[nn.Module],
         rule(ctx, module, path, pred)
     elif is_pure_sequential(module):
         scan_sequential(ctx, module, path, pred)
+    elif ctx.graph and not is_fusedskip_module(module) and not hasattr(type(module), _RESTORES_TO):
+        from .graph import graph_rule
+        graph_rule(ctx, module, path, pred)
     replace_timm_children(ctx, module, path, pred)
     items = list(module._modules.items())
     sequential = is_pure_sequential(module)
@@ -621,7 +635,8 @@ class _Root(nn.Module):
 def convert_model(model: nn.Module, *, norms: Sequence[str] = NORM_FAMILIES,
                   activations: Optional[Sequence[str]] = None, norm_without_act: bool = True,
                   assume_2d: bool = False, concat_to_add: bool = False, exclude: Sequence[str] = (),
-                  libraries: bool = True, inplace: bool = True) -> Tuple[nn.Module, ConversionReport]:
+                  libraries: bool = True, inplace: bool = True,
+                  graph: bool = True) -> Tuple[nn.Module, ConversionReport]:
     from . import libraries as lib
 
     if not isinstance(model, nn.Module):
@@ -644,6 +659,7 @@ def convert_model(model: nn.Module, *, norms: Sequence[str] = NORM_FAMILIES,
     root = _Root(model)
     ctx = Context(root, report, norms, activations, norm_without_act, assume_2d, concat_to_add, exclude, libraries)
     ctx.paths[id(model)] = ""
+    ctx.graph = graph
     rules = lib.block_rules(ctx) if libraries else {}
     visit(ctx, model, "", None, rules)
     # the root's own slot: a lone timm norm-act module
@@ -658,6 +674,11 @@ def convert_model(model: nn.Module, *, norms: Sequence[str] = NORM_FAMILIES,
             entry = ctx.left_norms.get(id(m)) or Left(path, type(m).__name__, _default_reason(ctx, m))
         report.left.append(entry)
     report.left.sort(key=lambda e: (e.kind != "norm", _order(norms_before, e.path)))
+    report.norms_total = len(norms_before)
+    report.norms_fused = sum(1 for _, m in norms_before if id(m) in ctx.replaced_ids)
+    if report.replaced:
+        from .ecosystem import register_quantization_fusers
+        register_quantization_fusers()
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         report.notes.append("global module hooks are registered: they will see the fused modules "
                             "(and no call for fused-away activations)")
@@ -674,14 +695,18 @@ def convert_model(model: nn.Module, *, norms: Sequence[str] = NORM_FAMILIES,
                             "compiling or wrapping it, and wrap again")
     if report.replaced:
         report.notes.append("code that finds norms by type (isinstance(m, nn.BatchNorm2d): freezing BN, "
-                            "weight-decay groups, torch's convert_sync_batchnorm) no longer sees fused ones")
+                            "weight-decay groups) no longer sees fused ones: use fusedskip.conversion's "
+                            "NORM_TYPES / BATCH_NORM_TYPES, split_normalization_params, freeze_batch_norm")
+        report.notes.append("forward hooks on a fused norm see the post-activation output; unconvert "
+                            "(or exclude=[path]) the modules whose hooks need the norm's own output")
     if any(r.before.startswith("SyncBatchNorm") for r in report.replaced):
         report.notes.append("SyncBatchNorm layers became BatchNormAct2d with sync=True (same process group): "
                             "statistics stay synchronised across ranks")
     if any(type(m).__name__ == "BatchNormAct2d" and not getattr(m, "sync", False) for m in model.modules()):
         report.notes.append("for distributed training with synchronised BatchNorm call "
-                            "fusedskip.convert_sync_batchnorm(model) (torch's converter leaves the fused "
-                            "modules computing local statistics)")
+                            "fusedskip.convert_sync_batchnorm(model) (torch's, timm's and Lightning's "
+                            "converters leave the fused modules computing local statistics; they warn "
+                            "once when they train so in a process group of world size > 1)")
     return model, report
 
 

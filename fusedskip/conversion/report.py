@@ -60,6 +60,23 @@ class ConversionReport:
     left: List[Left] = field(default_factory=list)
     already_fused: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    norms_total: int = 0
+    norms_fused: int = 0
+
+    @property
+    def norms_left(self) -> List[Left]:
+        """The norm layers left unfused (one entry each, with the reason)."""
+        return [e for e in self.left if e.kind == "norm"]
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the model's norm layers (before the call) that were fused (1.0 if none)."""
+        return self.norms_fused / self.norms_total if self.norms_total else 1.0
+
+    def coverage_line(self) -> str:
+        """One line: norm layers before, fused, left (convert reports)."""
+        return (f"coverage: {self.norms_fused}/{self.norms_total} norm layers fused "
+                f"({100.0 * self.coverage:.1f} %), {len(self.norms_left)} left")
 
     @property
     def changed(self) -> bool:
@@ -86,6 +103,8 @@ class ConversionReport:
         if self.direction == "convert":
             head += f", {len(self.already_fused)} already fused"
         lines = [head]
+        if self.direction == "convert":
+            lines.append(self.coverage_line())
         if not self.replaced:
             if self.already_fused and self.direction == "convert":
                 lines.append("  nothing to convert: the model already holds fusedskip modules "

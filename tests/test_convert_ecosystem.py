@@ -1,0 +1,312 @@
+"""Converted models under the tools people run on them (issue 14), the graph matcher, and the
+activations added for conversion (ReLU6, Hardswish, Hardsigmoid, Sigmoid, Mish, ELU)."""
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fusedskip
+from fusedskip import BatchNormAct2d, GroupNormAct, batch_norm_act, convert, group_norm_act, unconvert
+from fusedskip.conversion import ecosystem, interop
+
+NEW_ACTS = {"relu6": nn.ReLU6, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid,
+            "mish": nn.Mish, "elu": lambda: nn.ELU(0.7)}
+
+
+def _x(shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=dtype) * 3 + 0.5).requires_grad_()
+
+
+# ============================================================================================
+# New activations: kernels vs float64 torch references, gradcheck
+# ============================================================================================
+@pytest.mark.parametrize("act", sorted(NEW_ACTS))
+def test_new_activation_kernels_match_float64_reference(act, triton_backend):
+    module = NEW_ACTS[act]()
+    name, slope = fusedskip.activations.resolve_activation(module)
+    assert name == act
+    x = _x((2, 4, 2, 3))
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    b = torch.randn(4, dtype=torch.float64)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    out = batch_norm_act(x, rm, rv, w * 3, b, True, 0.1, 1e-5, act, slope if act == "elu" else None)
+    ref = module(F.batch_norm(x, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                              w * 3, b, True, 0.1, 1e-5))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+    gn = group_norm_act(x, 2, w * 3, b, 1e-5, act, slope if act == "elu" else None)
+    torch.testing.assert_close(gn, module(F.group_norm(x, 2, w * 3, b, 1e-5)), atol=1e-10, rtol=1e-9)
+    gx, = torch.autograd.grad(out.sum() + gn.square().sum(), x)
+    xr = x.detach().clone().requires_grad_()
+    ref_b = module(F.batch_norm(xr, None, None, w * 3, b, True, 0.1, 1e-5))
+    ref_g = module(F.group_norm(xr, 2, w * 3, b, 1e-5))
+    gr, = torch.autograd.grad(ref_b.sum() + ref_g.square().sum(), xr)
+    torch.testing.assert_close(gx, gr, atol=1e-9, rtol=1e-8)
+
+
+@pytest.mark.parametrize("act", sorted(NEW_ACTS))
+def test_new_activation_gradcheck(act, triton_backend):
+    slope = 0.7 if act == "elu" else None
+    x = _x((2, 2, 1, 3), seed=1)
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, act, slope),
+                                    (x, w, b), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: group_norm_act(x, 1, w, b, 1e-5, act, slope), (x, w, b),
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("act", sorted(NEW_ACTS))
+def test_new_activations_convert(act):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), NEW_ACTS[act]())
+    original = copy.deepcopy(model)
+    _, report = convert(model)
+    assert report.norms_fused == 1 and type(model[1]) is BatchNormAct2d, str(report)
+    x = torch.randn(2, 3, 5, 5)
+    for mode in (True, False):
+        model.train(mode)
+        original.train(mode)
+        torch.testing.assert_close(model(x), original(x), atol=2e-5, rtol=1e-4)
+    unconvert(model)
+    assert type(model[2]) is type(original[2]) and getattr(model[2], "alpha", None) == getattr(original[2], "alpha",
+                                                                                                None)
+
+
+# ============================================================================================
+# The five failures after conversion (issue 14), as passing tests
+# ============================================================================================
+def test_compile_aot_eager_on_group_norm_channels_last():
+    torch.manual_seed(0)
+    block = lambda: [nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU()]  # noqa: E731
+    model = nn.Sequential(*block(), *block())
+    convert(model)
+    x = torch.randn(2, 16, 6, 6).to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def _resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=4).eval()
+
+
+def test_fx_symbolic_trace_sees_fused_modules_as_leaves():
+    model = _resnet18()
+    convert(model)
+    traced = torch.fx.symbolic_trace(model)
+    targets = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    assert {"bn1", "relu", "layer1.0.bn1"} <= targets  # one node per fused module, FusedIdentity kept
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(traced(x), model(x))
+    traced.train()  # the training flag is the module's, not baked into the graph
+    model.train()
+    torch.testing.assert_close(traced(x), model(x))
+    from torchvision.models.feature_extraction import create_feature_extractor
+    features = create_feature_extractor(model.eval(), ["relu", "layer1"])(x)
+    assert features["relu"].shape == (2, 64, 32, 32) and features["relu"].min() >= 0
+
+
+def test_torchscript_refusal_names_the_module_and_the_way_out():
+    model = _resnet18()
+    convert(model)
+    match = r"BatchNormAct2d at 'bn1' cannot be compiled by torch.jit.script.*unconvert"
+    with pytest.raises(RuntimeError, match=match):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(model)
+    unconvert(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model)  # the documented way out works
+
+
+def test_quantization_fuse_modules_on_a_converted_model():
+    model = _resnet18()
+    expected = torch.ao.quantization.fuse_modules(copy.deepcopy(model), [["conv1", "bn1", "relu"]])
+    convert(model)
+    fused = torch.ao.quantization.fuse_modules(model, [["conv1", "bn1", "relu"]])
+    assert type(fused.conv1).__name__ == "ConvReLU2d" and type(fused.bn1) is nn.Identity
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(fused(x), expected(x))
+    # Also through the explicit mapping, in a block without the global registration path.
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU()).eval()
+    ref = copy.deepcopy(seq)
+    convert(seq)
+    q = torch.ao.quantization.fuse_modules(seq, [["0", "1", "2"]], fuse_custom_config_dict={
+        "additional_fuser_method_mapping": ecosystem.quantization_fuser_mapping()})
+    torch.testing.assert_close(q(torch.ones(1, 3, 5, 5)), ref(torch.ones(1, 3, 5, 5)))
+
+
+def test_report_counts_timm_conv_norm_act_exactly():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("regnety_002", pretrained=False, num_classes=4)
+    n_norms = sum(1 for m in model.modules() if type(m).__name__ == "BatchNormAct2d")
+    _, report = convert(model)
+    assert (report.norms_total, report.norms_fused, len(report.norms_left)) == (n_norms, n_norms, 0), str(report)
+    assert f"coverage: {n_norms}/{n_norms} norm layers fused (100.0 %), 0 left" in str(report)
+
+
+# ============================================================================================
+# Graph-level matching: attribute- and functional-style blocks
+# ============================================================================================
+class AttrDoubleConv(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))  # one ReLU, twice
+
+
+class OwnActs(AttrDoubleConv):
+    def __init__(self, c):
+        super().__init__(c)
+        self.act2 = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        return self.act2(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+
+class Functional(AttrDoubleConv):
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return F.silu(self.bn2(self.conv2(x)))
+
+
+class Residual(AttrDoubleConv):
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class TrainingBranch(AttrDoubleConv):
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        return self.relu(y) if self.training else y
+
+
+class OptionalArg(AttrDoubleConv):
+    def forward(self, x, extra=None):
+        y = self.bn1(self.conv1(x))
+        return self.relu(y if extra is None else y + extra)
+
+
+def _check(model, x, fused_expected):
+    original = copy.deepcopy(model)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    _, report = convert(model)
+    assert report.norms_fused == fused_expected, str(report)
+    assert report.norms_total == report.norms_fused + len(report.norms_left)
+    assert list(model.state_dict()) == list(sd)
+    for mode in (True, False):
+        model.train(mode)
+        original.train(mode)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = model(xa), original(xb)
+        torch.testing.assert_close(ya, yb, atol=2e-5, rtol=1e-4)
+        ga, = torch.autograd.grad(ya.square().sum(), xa)
+        gb, = torch.autograd.grad(yb.square().sum(), xb)
+        torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-4)
+    for k, v in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)  # running stats moved identically
+    return original, report
+
+
+@pytest.mark.parametrize("cls", [AttrDoubleConv, OwnActs, Functional])
+def test_graph_matcher_fuses_attribute_and_functional_blocks(cls):
+    model = nn.Sequential(cls(4), cls(4))
+    original, report = _check(model, torch.randn(2, 4, 5, 5), 4)
+    assert {r.rule for r in report.replaced} == {"graph:norm-act"}
+    assert all(type(b).__name__ == cls.__name__ and isinstance(b, cls) for b in model)
+    clone = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 4, 5, 5)
+    model.eval()
+    clone.eval()
+    torch.testing.assert_close(clone(x), model(x))
+    unconvert(model)
+    assert all(type(b) is cls for b in model) and all(type(m) is not BatchNormAct2d for m in model.modules())
+    original.eval()
+    torch.testing.assert_close(model(x), original(x))
+
+
+@pytest.mark.parametrize("cls,reason", [(Residual, "residual add"), (TrainingBranch, "differs between training"),
+                                        (OptionalArg, "optional forward parameter")])
+def test_graph_matcher_leaves_what_it_cannot_prove(cls, reason):
+    model = nn.Sequential(cls(4))
+    _, report = convert(model)
+    assert any(reason in e.reason for e in report.norms_left), str(report)
+    if cls is Residual:  # bn1 -> shared relu still fuses; bn2 waits for the residual kernel
+        assert report.norms_fused == 1
+        _check(nn.Sequential(Residual(4)), torch.randn(2, 4, 5, 5), 1)
+
+
+def test_library_blocks_through_the_graph_matcher():
+    pytest.importorskip("monai")
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
+    basic = UnetBasicBlock(2, 4, 4, kernel_size=3, stride=1, norm_name="instance")
+    _check(basic, torch.randn(2, 4, 6, 6), 2)
+    res = UnetResBlock(2, 4, 6, kernel_size=3, stride=1, norm_name="batch")
+    _, report = _check(res, torch.randn(2, 4, 6, 6), 1)
+    assert sum("residual add" in e.reason for e in report.norms_left) == 2, str(report)  # norm2 and norm3
+    pytest.importorskip("timm")
+    from timm.models.resnet import BasicBlock
+    _, report = _check(BasicBlock(4, 4), torch.randn(2, 4, 6, 6), 1)
+    assert any("residual add" in e.reason for e in report.norms_left)
+
+
+# ============================================================================================
+# isinstance helpers, SyncBatchNorm routes, the unsynchronised warning
+# ============================================================================================
+def test_isinstance_helpers_see_fused_norms():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.GroupNorm(2, 4),
+                          nn.SiLU())
+    norm_before, other_before = ecosystem.split_normalization_params(model)
+    convert(model)
+    assert isinstance(model[1], ecosystem.BATCH_NORM_TYPES) and isinstance(model[4], ecosystem.GROUP_NORM_TYPES)
+    norm_after, other_after = ecosystem.split_normalization_params(model)
+    assert [id(p) for p in norm_after] == [id(p) for p in norm_before]
+    assert [id(p) for p in other_after] == [id(p) for p in other_before]
+    ecosystem.freeze_batch_norm(model.train())
+    assert not model[1].training and not model[1].weight.requires_grad and model[4].weight.requires_grad
+
+
+def test_sync_batchnorm_routes_on_a_converted_model(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    model.add_module("head", nn.Sequential(nn.Flatten(), nn.BatchNorm1d(16)))
+    convert(model)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # torch's converter keeps the activation (the fused module is no _BatchNorm) ...
+    assert type(synced[1]) is BatchNormAct2d and synced[1].act_name == "relu"
+    # ... and fusedskip's synchronises the fused ones: every BN of the model ends up synchronised.
+    fusedskip.convert_sync_batchnorm(synced)
+    assert synced[1].sync and synced[4].sync and type(synced.head[1]) is nn.SyncBatchNorm
+    # Training unsynchronised under a world of size > 1 warns once.
+    monkeypatch.setattr(interop, "_WARNED_UNSYNCED", False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    plain = BatchNormAct2d(4).train()
+    with pytest.warns(RuntimeWarning, match="local batch statistics in a process group of world size 2"):
+        plain(torch.randn(2, 4, 3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain(torch.randn(2, 4, 3, 3))  # once
+        GroupNormAct(2, 4)(torch.randn(2, 4, 3, 3))
+
+
+def test_forward_hook_sees_post_activation_output_and_exclude_keeps_the_norm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    convert(model)
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o))
+    model(torch.randn(1, 3, 5, 5))
+    assert seen[0].min() >= 0  # documented: the fused norm's output is post-activation
+    kept = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    _, report = convert(kept, exclude=["1"])
+    assert type(kept[1]) is nn.BatchNorm2d and "excluded" in str(report)
