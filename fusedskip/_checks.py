@@ -10,6 +10,9 @@ def check_activation(name: str, t, ndim: int = 4, layout: str = "[N, C, H, W]") 
     """``t`` must be a floating-point tensor with ``ndim`` dimensions."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}: "
+                        f"convert it with {name}.to_dense() first")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be a {ndim}-D tensor {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:

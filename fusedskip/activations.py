@@ -1,6 +1,8 @@
 """Activation names, their kernel ids and their reference PyTorch modules/functions."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -8,24 +10,45 @@ from torch import nn
 from torch.nn import functional as F
 
 # Ids match kernels/activations.py.
-ACTIVATION_IDS = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5}
+ACTIVATION_IDS = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
+                  "relu6": 6, "hardswish": 7, "hardsigmoid": 8, "sigmoid": 9, "mish": 10, "elu": 11}
+# Modules with no parameter -> name (ELU's alpha travels in the slope slot, see resolve_activation).
+_PLAIN_MODULES = {nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
+                  nn.Sigmoid: "sigmoid", nn.Mish: "mish"}
 _ALIASES = {None: "identity", "none": "identity", "linear": "identity", "swish": "silu", "leakyrelu": "leaky_relu"}
 DEFAULT_LEAKY_SLOPE = 0.01
 
 
+def _check_slope(slope, name: str = "negative_slope") -> float:
+    """A LeakyReLU slope: a finite real number (not a string, a bool or NaN)."""
+    if isinstance(slope, bool) or not isinstance(slope, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(slope).__name__} {slope!r}")
+    if not math.isfinite(float(slope)):
+        raise ValueError(f"{name} must be finite, got {slope!r}")
+    return float(slope)
+
+
 def resolve_activation(act: Union[str, None, nn.Module], slope: Optional[float] = None) -> Tuple[str, float]:
-    """Normalise an activation given by name (or as a torch module) to ``(name, slope)``."""
+    """Normalise an activation given by name (or as a torch module) to ``(name, slope)``.
+
+    ``slope`` (LeakyReLU's negative slope), when given, must be a finite real number."""
+    if slope is not None:
+        slope = _check_slope(slope)
     if isinstance(act, nn.Module):
         if type(act) is nn.Identity:
             return "identity", 0.0
         if type(act) is nn.ReLU:
             return "relu", 0.0
         if type(act) is nn.LeakyReLU:
-            return "leaky_relu", float(act.negative_slope)
+            return "leaky_relu", _check_slope(act.negative_slope, "LeakyReLU.negative_slope")
         if type(act) is nn.SiLU:
             return "silu", 0.0
         if type(act) is nn.GELU:
             return ("gelu_tanh" if act.approximate == "tanh" else "gelu"), 0.0
+        if type(act) in _PLAIN_MODULES:
+            return _PLAIN_MODULES[type(act)], 0.0
+        if type(act) is nn.ELU:
+            return "elu", _check_slope(act.alpha, "ELU.alpha")
         raise ValueError(f"act: unsupported activation module {type(act).__name__}; "
                          f"supported: {sorted(ACTIVATION_IDS)}")
     key = act.lower() if isinstance(act, str) else act
@@ -34,6 +57,8 @@ def resolve_activation(act: Union[str, None, nn.Module], slope: Optional[float] 
         raise ValueError(f"act must be one of {sorted(ACTIVATION_IDS)} (or None), got {act!r}")
     if name == "leaky_relu":
         return name, DEFAULT_LEAKY_SLOPE if slope is None else float(slope)
+    if name == "elu":  # ELU's alpha is passed as the slope
+        return name, 1.0 if slope is None else float(slope)
     return name, 0.0
 
 
@@ -51,6 +76,12 @@ def apply_activation_reference(x: torch.Tensor, name: str, slope: float = 0.0) -
         return F.gelu(x)
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
+    if name in ("relu6", "hardswish", "hardsigmoid", "mish"):
+        return getattr(F, name)(x)
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    if name == "elu":
+        return F.elu(x, slope)
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -60,4 +91,6 @@ def activation_module(name: str, slope: float = 0.0) -> nn.Module:
         "identity": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU,
         "leaky_relu": lambda: nn.LeakyReLU(slope), "gelu": nn.GELU,
         "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid,
+        "mish": nn.Mish, "elu": lambda: nn.ELU(slope),
     }[name]()

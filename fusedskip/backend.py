@@ -58,6 +58,11 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# triton.jit reads TRITON_INTERPRET when the kernels are defined, i.e. when fusedskip is imported
+# (this module is imported before any kernel module): setting it later changes nothing.
+_INTERPRETER_AT_IMPORT = interpreter_active()
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether an op whose main input is ``tensor`` runs the Triton kernels.
 
@@ -70,10 +75,19 @@ def use_triton(tensor: torch.Tensor) -> bool:
     on_gpu = tensor.device.type == "cuda"
     if backend == "auto":
         return on_gpu
-    if on_gpu or (tensor.device.type == "cpu" and interpreter_active()):
+    if on_gpu:
         return True
+    if tensor.device.type == "cpu" and interpreter_active():
+        if _INTERPRETER_AT_IMPORT or os.environ.get("TRITON_INTERPRET") != "1":
+            return True
+        raise RuntimeError(
+            "fusedskip backend 'triton' on a cpu tensor: TRITON_INTERPRET=1 was set after fusedskip was "
+            "imported, but Triton reads it when the kernels are defined. Set it before the first "
+            "`import fusedskip` (in the shell, or at the very top of the script), or use the 'auto' or "
+            "'reference' backend on the CPU"
+        )
     raise RuntimeError(
         f"fusedskip backend 'triton' cannot run on a {tensor.device.type} tensor: use a CUDA "
-        "tensor, set TRITON_INTERPRET=1 to interpret the kernels on the CPU, or choose the "
+        "tensor, set TRITON_INTERPRET=1 before importing fusedskip to interpret the kernels on the CPU, or choose the "
         "'auto' or 'reference' backend"
     )

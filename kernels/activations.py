@@ -13,6 +13,12 @@ LEAKY_RELU = tl.constexpr(2)
 SILU = tl.constexpr(3)
 GELU = tl.constexpr(4)       # exact: x·Φ(x) with erf
 GELU_TANH = tl.constexpr(5)  # tanh approximation, nn.GELU(approximate="tanh")
+RELU6 = tl.constexpr(6)
+HARDSWISH = tl.constexpr(7)
+HARDSIGMOID = tl.constexpr(8)
+SIGMOID = tl.constexpr(9)
+MISH = tl.constexpr(10)      # z·tanh(softplus(z))
+ELU = tl.constexpr(11)       # alpha passed in ``slope``
 
 # Globals read inside @triton.jit functions must be tl.constexpr: the compiler rejects plain
 # Python floats (the interpreter does not, so only a GPU compile catches it).
@@ -26,6 +32,12 @@ _GELU_TANH_C = tl.constexpr(0.044715)
 def _tanh(x):
     # tanh through the sigmoid keeps to core tl ops (libdevice paths moved between Triton versions).
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) without overflow: x + log(1 + e^-x) for x > 0 (torch's threshold 20 gives the same in fp32).
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -43,6 +55,18 @@ def activation(z, ACT: tl.constexpr, slope):
         # Tensor operands first: under the interpreter `constexpr * tensor` wraps the tensor in a
         # constexpr (tensor * constexpr is fine in both modes).
         return 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI))
+    elif ACT == RELU6:
+        return tl.where(z < 0, 0.0, tl.where(z > 6.0, 6.0, z))  # NaN propagates, as F.relu6
+    elif ACT == HARDSWISH:
+        return z * tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 6.0, z + 3.0)) / 6.0
+    elif ACT == HARDSIGMOID:
+        return tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 1.0, z / 6.0 + 0.5))
+    elif ACT == SIGMOID:
+        return tl.sigmoid(z)
+    elif ACT == MISH:
+        return z * _tanh(_softplus(z))
+    elif ACT == ELU:
+        return tl.where(z > 0, z, (tl.exp(tl.minimum(z, 0.0)) - 1.0) * slope)
     else:
         return z
 
@@ -64,8 +88,23 @@ def activation_grad(z, ACT: tl.constexpr, slope):
         inner = (z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI  # tensor first (see activation)
         t = _tanh(inner)
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z * z * (3.0 * _GELU_TANH_C))
+    elif ACT == RELU6:
+        return tl.where((z > 0) & (z < 6.0), 1.0, 0.0)  # torch: 0 at both kinks
+    elif ACT == HARDSWISH:
+        return tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 1.0, z / 3.0 + 0.5))
+    elif ACT == HARDSIGMOID:
+        return tl.where((z > -3.0) & (z < 3.0), 1.0 / 6.0, 0.0)
+    elif ACT == SIGMOID:
+        sig = tl.sigmoid(z)
+        return sig * (1.0 - sig)
+    elif ACT == MISH:
+        t = _tanh(_softplus(z))
+        return t + z * tl.sigmoid(z) * (1.0 - t * t)
+    elif ACT == ELU:
+        return tl.where(z > 0, 1.0, tl.exp(tl.minimum(z, 0.0)) * slope)
     else:
-        return z * 0.0 + 1.0
+        # 1 everywhere, also where z is ±Inf/NaN (z·0 + 1 would give NaN there: dβ = Σ dy must hold).
+        return tl.full(z.shape, 1.0, z.dtype)
 
 
 @triton.jit

@@ -9,7 +9,8 @@ Forward, training (batch statistics), 3 launches:
   1. ``_bn_stats_kernel``: grid (rows, channel blocks). The N'·S' reduction of each channel is
      split into ``rows`` contiguous ranges of [BLOCK_S, BLOCK_C] tiles (the small-C, large-N·HW
      case needs this: one program per channel would leave the GPU idle). Each lane keeps its own
-     Welford (mean, M2, count); lanes merge with Chan's formula and each program
+     Welford (mean, M2, count); lanes merge with Chan's formula in the delta form
+     (``common.merge_partials``: exact for constant channels) and each program
      writes one row of deterministic fp32 partials (mean, M2, count) — no E[x²] − E[x]², no
      atomics.
   2. ``_bn_finalize_kernel``: merges the rows per channel (Chan), writes mean, rstd (and M2), and
@@ -43,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .activations import IDENTITY, activation, activation_grad, welford_combine
-from .common import acc_scalar, load_affine, row_program, tile_program
+from .common import acc_scalar, load_affine, merge_partials, row_program, tile_program
 from .launch import (
     FIXED_TILE,
     TILE_SHAPES,
@@ -69,23 +70,9 @@ from .launch import (
 # --------------------------------------------------------------------------------------------
 # jit helpers
 # --------------------------------------------------------------------------------------------
-# Program prologues come from kernels/common.py (once per program); code that runs per tile is
+# Program prologues and the statistics merge come from kernels/common.py (once per program); code that runs per tile is
 # written inline: under Triton's interpreter every nested jit call costs ~0.5 ms. Per-channel
 # offsets (c·stride_c) are hoisted out of loops.
-@triton.jit
-def _merge_rows(mean, m2, n):
-    """Chan's merge of the rows (axis 0) of [R, BLOCK_C] partial (mean, M2, count) in one step:
-    N = Σn, mean = Σ n·mean / N, M2 = Σ M2 + Σ n·(mean_r − mean)². Exact and centred (no
-    E[x²] − E[x]²); empty rows weigh nothing. Plain sums rather than ``tl.reduce`` with a
-    combine function: same result on the GPU, and Triton's interpreter runs custom combines
-    element by element in Python."""
-    total = tl.sum(n, axis=0)
-    mean_t = tl.sum(n * mean, axis=0) / tl.maximum(total, 1.0)
-    d = mean - mean_t[None, :]
-    m2_t = tl.sum(m2 + n * d * d, axis=0)
-    return mean_t, m2_t, total
-
-
 # --------------------------------------------------------------------------------------------
 # Forward: statistics
 # --------------------------------------------------------------------------------------------
@@ -135,7 +122,7 @@ def _bn_stats_kernel(
         delta = x - mean
         mean += tl.where(mask, delta * inv, 0.0)
         m2 += tl.where(mask, delta * (x - mean), 0.0)
-    m_c, m2_c, n_c = _merge_rows(mean, m2, tl.broadcast_to(cnt, [BLOCK_S, BLOCK_C]))
+    m_c, m2_c, n_c = merge_partials(mean, m2, tl.broadcast_to(cnt, [BLOCK_S, BLOCK_C]))
     off = row * C + c
     tl.store(mean_part_ptr + off, m_c, mask=c_mask)
     tl.store(m2_part_ptr + off, m2_c, mask=c_mask)
@@ -166,7 +153,7 @@ def _bn_finalize_kernel(
         pm = tl.load(mean_part_ptr + off, mask=mask, other=0.0).to(acc_ty)
         pm2 = tl.load(m2_part_ptr + off, mask=mask, other=0.0).to(acc_ty)
         pn = tl.load(count_part_ptr + off, mask=mask, other=0.0).to(acc_ty)
-        bm, bm2, bn = _merge_rows(pm, pm2, pn)
+        bm, bm2, bn = merge_partials(pm, pm2, pn)
         mean, m2, n = welford_combine(mean, m2, n, bm, bm2, bn)
     eps = acc_scalar(eps_hi, eps_lo, ACC_FP64)
     var = m2 / tl.maximum(n, 1.0)

@@ -87,3 +87,21 @@ def load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc,
     else:
         bet = tl.zeros([BLOCK_C], dtype=acc_ty)
     return gam, bet
+
+
+@triton.jit
+def merge_partials(mean, m2, cnt):
+    """Chan's merge of the rows (axis 0) of [R, BLOCK_C] partial (mean, M2, count) in one step,
+    in the delta form: μ = μ_ref + Σ nᵢ(μᵢ − μ_ref) / n, M2 = Σ M2ᵢ + Σ nᵢ(μᵢ − μ)², n = Σ nᵢ,
+    with μ_ref the mean of the first non-empty row. Exact for equal means (a constant channel
+    merges to its value, so it normalises to exactly β), unlike Σ nᵢμᵢ / n, whose rounding the
+    norm multiplies by 1/√eps. Empty rows weigh nothing; NaN/Inf partials propagate. Plain sums,
+    not ``tl.reduce`` with a combine function (the interpreter runs those element by element)."""
+    r = tl.arange(0, mean.shape[0])[:, None]
+    filled = cnt > 0
+    first = tl.min(tl.where(filled, r, mean.shape[0]), axis=0)
+    ref = tl.sum(tl.where(r == first[None, :], mean, 0.0), axis=0)
+    n = tl.sum(cnt, axis=0)
+    mu = ref + tl.sum(tl.where(filled, cnt * (mean - ref[None, :]), 0.0), axis=0) / tl.maximum(n, 1.0)
+    dev = tl.where(filled, mean - mu[None, :], 0.0)
+    return mu, tl.sum(m2, axis=0) + tl.sum(cnt * dev * dev, axis=0), n

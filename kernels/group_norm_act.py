@@ -44,7 +44,7 @@ import triton.language as tl
 
 from . import launch
 from .activations import activation, activation_grad
-from .common import acc_scalar, chunk_program, load_affine, tile_program
+from .common import acc_scalar, chunk_program, load_affine, merge_partials, tile_program
 from .launch import (
     FIXED_TILE,
     acc_dtype,
@@ -77,17 +77,6 @@ REDUCE_TILE = 2048
 # s_lo = s with the merged stride in the w slot; otherwise s_hi = h, s_lo = w (one div/mod per
 # tile shared by all tensors). The offset of a tensor is n·sn + c·sc + s_hi·sh + s_lo·sw.
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _merge_lanes(mean, m2, cnt, axis: tl.constexpr):
-    """Chan's merge of per-lane (mean, M2, count) along ``axis`` in closed form:
-    n = Σ nᵢ, μ = Σ nᵢμᵢ / n, M2 = Σ M2ᵢ + Σ nᵢ(μᵢ − μ)². Exact like pairwise Welford merges, but
-    three plain sums instead of a tuple reduction with a division per step."""
-    n = tl.sum(cnt, axis=axis)
-    mu = tl.sum(cnt * mean, axis=axis) / tl.maximum(n, 1.0)
-    dev = tl.where(cnt > 0, mean - tl.expand_dims(mu, axis), 0.0)
-    return mu, tl.sum(m2, axis=axis) + tl.sum(cnt * dev * dev, axis=axis), n
-
-
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -133,7 +122,7 @@ def _group_norm_act_stats_kernel(
         delta = h - mean
         mean += tl.where(mask, delta * inv_step, 0.0)
         m2 += tl.where(mask, delta * (h - mean), 0.0)
-    mean_c, m2_c, _ = _merge_lanes(mean, m2, cnt, 0)
+    mean_c, m2_c, _ = merge_partials(mean, m2, cnt)
     tl.store(pmean_ptr + row * C + c, mean_c, mask=c_mask)
     tl.store(pm2_ptr + row * C + c, m2_c, mask=c_mask)
 
@@ -150,7 +139,10 @@ def _group_norm_stats_finalize_kernel(
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     eps = acc_scalar(eps_hi, eps_lo, ACC_FP64)
     # Chan's merge of the chunks × C/G partials of group (n, g) in two passes over them (they
-    # are few: KBs): μ = Σ nᵢμᵢ / Σ nᵢ, then M2 = Σ M2ᵢ + Σ nᵢ(μᵢ − μ)². Fixed order: deterministic.
+    # are few: KBs): μ = μ₀ + Σ nᵢ(μᵢ − μ₀) / Σ nᵢ in the delta form about the first partial μ₀
+    # (chunk 0, never empty; exact for a constant group, which then normalises to exactly β),
+    # then M2 = Σ M2ᵢ + Σ nᵢ(μᵢ − μ)². Fixed order: deterministic.
+    ref = tl.load(pmean_ptr + (n * num_chunks) * C + g * CG)
     acc_n = tl.zeros([BLOCK_K, BLOCK_CG], dtype=acc_ty)
     acc_sum = tl.zeros([BLOCK_K, BLOCK_CG], dtype=acc_ty)
     for k0 in range(0, num_chunks, BLOCK_K):
@@ -165,9 +157,9 @@ def _group_norm_stats_finalize_kernel(
             pm = tl.load(pmean_ptr + off, mask=mask, other=0.0)
             w = tl.where(mask, cnt[:, None], 0.0)
             acc_n += w
-            acc_sum += w * pm
+            acc_sum += tl.where(mask, w * (pm - ref), 0.0)
     count = tl.sum(tl.sum(acc_n, axis=1), axis=0)
-    mean = tl.sum(tl.sum(acc_sum, axis=1), axis=0) / tl.maximum(count, 1.0)
+    mean = ref + tl.sum(tl.sum(acc_sum, axis=1), axis=0) / tl.maximum(count, 1.0)
     acc_m2 = tl.zeros([BLOCK_K, BLOCK_CG], dtype=acc_ty)
     for k0 in range(0, num_chunks, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -182,7 +174,8 @@ def _group_norm_stats_finalize_kernel(
             dev = tl.where(mask, pm - mean, 0.0)
             acc_m2 += pv + tl.where(mask, cnt[:, None], 0.0) * dev * dev
     m2 = tl.sum(tl.sum(acc_m2, axis=1), axis=0)
-    var = tl.maximum(m2 / tl.maximum(count, 1.0), 0.0)  # biased, as GroupNorm
+    var = m2 / tl.maximum(count, 1.0)  # biased, as GroupNorm; NaN from a non-finite group propagates
+    var = tl.where(var < 0.0, 0.0, var)  # (tl.maximum would turn NaN into 0: finite output for Inf input)
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)

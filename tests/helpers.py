@@ -43,7 +43,8 @@ def tolerance(dtype: torch.dtype):
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, msg=""):
     """Compare with a (float64) reference at the tolerance of ``dtype``, scaled by ``scale``."""
     atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale, msg=msg or None)
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale,
+                               msg=msg or None)
 
 
 @contextlib.contextmanager

@@ -275,12 +275,252 @@ def test_compile_fullgraph_matches_eager(triton_backend):
     assert torch.equal(eager(x), compiled(x))
 
 
-def test_double_backward_raises(triton_backend):
-    x = make_input((2, 3, 4, 5), F32, requires_grad=True)
-    y = batch_norm_act(x, None, None, training=True, act="silu")
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        gx.sum().backward()
+# --------------------------------------------------------------------------------------------
+# Issue 15: defects found by an independent fuzz (each test fails on the code before the fix)
+# --------------------------------------------------------------------------------------------
+def _penalty_grads(fn, x, params, create_graph_inputs=None):
+    """A WGAN-GP style penalty ‖∂y/∂x‖² with a *constant* grad_outputs: its gradients w.r.t. x
+    and ``params`` (they are silently zero/absent when the first gradient is detached)."""
+    y = fn(x)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
+    assert gx.requires_grad, "the first gradient is detached: the penalty would contribute nothing"
+    return torch.autograd.grad((gx ** 2).sum(), [x] + list(params))
+
+
+@pytest.mark.parametrize("training", (True, False))
+def test_double_backward_gradient_penalty_matches_torch(triton_backend, training):
+    """Item 1: batch_norm_act under create_graph=True with a constant grad_outputs (the fp64
+    2×4×3×3 SiLU reproduction): the penalty's gradients match torch's."""
+    x = make_input((2, 4, 3, 3), F64, mean=0.3, requires_grad=True)
+    w = (torch.rand(4, dtype=F64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=F64).requires_grad_()
+    rm, rv = torch.randn(4, dtype=F64), torch.rand(4, dtype=F64) + 0.5
+    ours = _penalty_grads(lambda t: batch_norm_act(t, rm.clone(), rv.clone(), w, b, training=training, act="silu"),
+                          x, [w, b])
+    ref = _penalty_grads(lambda t: F.silu(F.batch_norm(t, rm.clone(), rv.clone(), w, b, training=training)),
+                         x, [w, b])
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=1e-9)
+
+
+def _module_penalty(module, x, *extra):
+    params = [p for p in module.parameters() if p.requires_grad]
+    return _penalty_grads(lambda t: module(t, *extra), x, params)
+
+
+@pytest.mark.parametrize("kind", ("module", "skip_norm_act", "conv_norm_act"))
+def test_double_backward_modules_match_torch(triton_backend, kind):
+    """Item 1 for BatchNormAct2d, SkipNormAct(norm="batch") and ConvNormAct(norm="batch"),
+    training mode, against the same computation built from torch modules."""
+    torch.manual_seed(1)
+    x = make_input((2, 3, 3, 3), F64, mean=0.2, requires_grad=True)
+    if kind == "module":
+        ours = BatchNormAct2d(3, act="silu").double()
+        nn.init.uniform_(ours.weight, 0.5, 1.5)
+        ref = nn.Sequential(nn.BatchNorm2d(3), nn.SiLU()).double()
+        ref[0].load_state_dict(ours.state_dict())
+        got, want = _module_penalty(ours, x), _module_penalty(ref, x)
+    elif kind == "skip_norm_act":
+        skip = make_input((2, 3, 3, 3), F64, mean=-0.1)
+        ours = fusedskip.SkipNormAct(3, norm="batch", act="gelu").double()
+        bn = nn.BatchNorm2d(3).double()
+        gate = ours.skip
+
+        class Ref(nn.Module):
+            def forward(self, t, s):
+                return F.gelu(bn(t + F.softplus(gate.beta) * s))
+
+        got = _module_penalty(ours, x, skip)
+        want = _penalty_grads(lambda t: Ref()(t, skip), x, [gate.beta, bn.weight, bn.bias])
+    else:
+        ours = fusedskip.ConvNormAct(3, 4, 3, norm="batch", act="silu").double()
+        ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.SiLU()).double()
+        ref[0].weight.data.copy_(ours.conv.weight)
+        got, want = _module_penalty(ours, x), _module_penalty(ref, x)
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("training", (True, False))
+def test_gradgradcheck_fp64(triton_backend, training):
+    """Item 1: second derivatives (w.r.t. x, skip, gate, γ, β and the incoming gradient)."""
+    x = make_input((2, 2, 2, 2), F64, mean=0.5, requires_grad=True)
+    skip = make_input((2, 2, 2, 2), F64, mean=-0.3, requires_grad=True)
+    gate = (torch.rand(2, dtype=F64) + 0.5).requires_grad_()
+    w = (torch.rand(2, dtype=F64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=F64).requires_grad_()
+    rm, rv = torch.randn(2, dtype=F64), torch.rand(2, dtype=F64) + 0.5
+
+    def fn(x, skip, gate, w, b):
+        return batch_norm_act(x, rm.clone(), rv.clone(), w, b, training=training, act="silu", skip=skip, gate=gate)
+
+    assert torch.autograd.gradgradcheck(fn, (x, skip, gate, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("value", [10000.7, 3.3, -0.25])
+def test_constant_channels_normalise_to_beta(backend_name, skip, value):
+    """Item 3: a zero-variance channel normalises to exactly β (the kernels merge partial
+    statistics in the delta form, exact for equal means), with the reduction split into many
+    partials; the reference path stays within torch's own error."""
+    fusedskip.set_backend(backend_name)
+    c = 3
+    x = torch.full((3, c, 5, 7), value)
+    skip_t = torch.full((3, c, 5, 7), 0.5) if skip else None
+    bias = torch.tensor([0.25, -1.5, 2.0])
+    weight = torch.tensor([1.5, 0.5, 2.0])
+    with bn_kernels.reduction_config(rows=5, block_s=8, block_c=2):
+        y = batch_norm_act(x, None, None, weight, bias, training=True, act="identity", skip=skip_t)
+    expected = bias.reshape(1, c, 1, 1).expand_as(y)
+    if backend_name == "triton":
+        assert torch.equal(y, expected), (y - expected).abs().max()
+    else:
+        torch_err = F.batch_norm(x + (0.5 if skip else 0.0), None, None, weight, bias, True).sub(expected).abs().max()
+        assert (y - expected).abs().max() <= torch_err + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_large_magnitude_with_skip_half(triton_backend, dtype):
+    """Item 3: BN + skip at magnitude 1e4 in fp16/bf16 (was off by 0.2–0.3)."""
+    torch.manual_seed(3)
+    x = (1e4 + torch.randn(2, 3, 4, 5, dtype=F64) * 20).to(dtype)
+    skip = (torch.randn(2, 3, 4, 5, dtype=F64) * 4).to(dtype)
+    y = batch_norm_act(x, None, None, training=True, act="relu", skip=skip, gate=0.5)
+    ref = batch_norm_act_reference(x.double(), None, None, training=True, act="relu", skip=skip.double(), gate=0.5)
+    close(y, ref, dtype, factor=2.0)
+
+
+def test_nonfinite_input_propagates_nan_per_channel(triton_backend):
+    """Item 2's check for BatchNorm: ±Inf in a channel gives NaN for that channel only, as torch;
+    item 4: with the identity activation dβ = Σ dy stays finite (act' = 1 also at non-finite z)."""
+    x = make_input((2, 3, 3, 3), F32).requires_grad_(False)
+    x[1, 0, 2, 1] = float("inf")
+    x[0, 2, 0, 0] = float("-inf")
+    x.requires_grad_()
+    w = torch.ones(3, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    y = batch_norm_act(x, None, None, w, b, training=True, act="identity")
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref, b_ref = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    y_ref = F.batch_norm(x_ref, None, None, w_ref, b_ref, True)
+    torch.testing.assert_close(y, y_ref, equal_nan=True, atol=1e-5, rtol=1e-5)
+    assert y[:, 0].isnan().all() and y[:, 2].isnan().all() and y[:, 1].isfinite().all()
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(b.grad, b_ref.grad)
+    assert b.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_momentum_none_needs_a_counted_batch(backend_name):
+    """Item 5: momentum=None with num_batches_tracked = 0 raises (was: NaN running statistics on
+    the kernels, ZeroDivisionError on the reference), also in eval where the factor is unused."""
+    fusedskip.set_backend(backend_name)
+    x = make_input((2, 3, 2, 2))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="num_batches_tracked must be >= 1"):
+        batch_norm_act(x, rm, rv, training=True, momentum=None, num_batches_tracked=torch.tensor(0))
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    y = batch_norm_act(x, rm, rv, training=False, momentum=None, num_batches_tracked=torch.tensor(0))
+    assert y.isfinite().all()
+    batch_norm_act(x, rm, rv, training=True, momentum=None, num_batches_tracked=torch.tensor(1))
+    torch.testing.assert_close(rm, x.mean((0, 2, 3)))  # factor 1: the batch statistics
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(training="no"), TypeError, "training must be a bool"),
+    (dict(training=1), TypeError, "training must be a bool"),
+    (dict(act="leaky_relu", negative_slope="0.1"), TypeError, "negative_slope must be a float"),
+    (dict(act="leaky_relu", negative_slope=float("nan")), ValueError, "negative_slope must be finite"),
+    (dict(act=nn.LeakyReLU(float("inf"))), ValueError, "negative_slope must be finite"),
+    (dict(training=True, eps=0.0), ValueError, "eps must be positive during training"),
+])
+def test_loose_arguments_rejected(backend_name, kwargs, error, match):
+    """Items 6 and 8: non-bool training, string/NaN slopes and (as torch) eps = 0 in training."""
+    fusedskip.set_backend(backend_name)
+    args = dict(x=make_input((2, 3, 2, 2)), running_mean=torch.zeros(3), running_var=torch.ones(3))
+    with pytest.raises(error, match=match):
+        batch_norm_act(**{**args, **kwargs})
+    if "eps" in kwargs:  # the rule is torch's
+        with pytest.raises(error, match=match):
+            F.batch_norm(args["x"], None, None, training=True, eps=0.0)
+    assert batch_norm_act(**{**args, "training": False, "eps": 0.0}).isfinite().all()  # eval: eps = 0 is fine
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("call", ["bad_skip", "bad_gate", "gate_without_skip", "one_value", "bad_input_bias",
+                                  "backend_cannot_run"])
+def test_rejected_call_leaves_module_state(triton_backend, monkeypatch, call):
+    """Item 7: a rejected call changes neither num_batches_tracked nor the running statistics."""
+    m = BatchNormAct2d(3, momentum=None)
+    m(make_input((2, 3, 2, 2)))
+    before = _state(m)
+    x = make_input((2, 3, 2, 2))
+    calls = {
+        "bad_skip": lambda: m(x, torch.randn(2, 3, 2, 3)),
+        "bad_gate": lambda: m(x, torch.randn(2, 3, 2, 2), torch.ones(2)),
+        "gate_without_skip": lambda: m(x, None, 0.5),
+        "one_value": lambda: m(torch.randn(1, 3, 1, 1)),
+        "bad_input_bias": lambda: m(x, input_bias=torch.ones(4)),
+        "backend_cannot_run": lambda: m(x),
+    }
+    if call == "backend_cannot_run":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        calls[call]()
+    after = _state(m)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def _manual_bn_dx(x, w, b, g):
+    x = x.detach().double().requires_grad_()
+    m = x.mean((0, 2, 3), keepdim=True)
+    v = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    y = (x - m) / torch.sqrt(v + 1e-5) * w.double().reshape(1, -1, 1, 1) + b.double().reshape(1, -1, 1, 1)
+    y.backward(g.double())
+    return x.grad
+
+
+@pytest.mark.parametrize("x_strides,g_strides", [
+    ((9, 3, 3, 1), (3, 1, 1, 3)),  # the issue's case: contiguous x, channels_last-like gradient
+    ((3, 1, 9, 3), (9, 3, 3, 1)),
+    ((9, 3, 3, 1), (9, 3, 9, 1)),
+])
+def test_reference_path_immune_to_cpu_layout_bug(x_strides, g_strides):
+    """Item 9: torch's CPU batch_norm backward gets dx wrong (by ~0.6 in fp64) for H = 1 when the
+    input's and the gradient's strides disagree on the channels_last ambiguity; the reference
+    path (``auto`` on CPU tensors) hands it consistent layouts."""
+    torch.manual_seed(0)
+    shape = (1, 3, 1, 3)
+    x = torch.empty_strided(shape, x_strides, dtype=F64).copy_(torch.randn(shape, dtype=F64)).requires_grad_()
+    g = torch.empty_strided(shape, g_strides, dtype=F64).copy_(torch.randn(shape, dtype=F64))
+    w, b = torch.rand(3, dtype=F64) + 0.5, torch.randn(3, dtype=F64)
+    y = batch_norm_act(x, None, None, w, b, training=True, act="identity")  # auto: reference on CPU
+    y.backward(g)
+    torch.testing.assert_close(x.grad, _manual_bn_dx(x, w, b, g), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_reference_path_strided_weight(layout):
+    """Item 9: a strided weight (``buf[1::2]``) read as contiguous by torch's CPU kernel gave NaN
+    dx (H = W = 1); the reference path passes contiguous parameters."""
+    buf = torch.full((8,), float("nan"))
+    buf[1::2] = torch.rand(4) + 0.5
+    w = buf[1::2]
+    x = make_input((2, 4, 1, 1), F32, layout).requires_grad_()
+    g = torch.randn(2, 4, 1, 1)
+    y = batch_norm_act(x, None, None, w, None, training=True, act="identity")
+    y.backward(g)
+    assert x.grad.isfinite().all()
+    torch.testing.assert_close(x.grad.double(), _manual_bn_dx(x, w, torch.zeros(4), g), atol=1e-5, rtol=1e-5)
 
 
 def test_empty_batch_like_torch(triton_backend):

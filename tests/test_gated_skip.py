@@ -129,6 +129,36 @@ def test_gradcheck_fp64(triton_backend):
         assert torch.autograd.gradcheck(gated_skip_add, (up, skip, gate))
 
 
+def test_double_backward_matches_torch(triton_backend):
+    """Issue 15 item 1: under create_graph=True the gradients are differentiable again (was: a
+    loud error from the kernel op); a gradient penalty and gradgradcheck agree with torch."""
+    f64 = torch.float64
+    up = make_input((2, 3, 3, 4), f64, requires_grad=True)
+    skip = make_input((2, 3, 3, 4), f64, mean=-0.4, requires_grad=True)
+    beta = torch.randn(3, dtype=f64, requires_grad=True)
+
+    def penalty(fn):
+        y = fn(up, skip, torch.nn.functional.softplus(beta))
+        gs, = torch.autograd.grad((y * y).sum(), skip, create_graph=True)  # non-constant incoming grad
+        assert gs.requires_grad
+        return torch.autograd.grad((gs ** 2).sum(), [up, skip, beta])
+
+    ours = penalty(gated_skip_add)
+    ref = penalty(lambda u, s, a: u + a.reshape(1, -1, 1, 1) * s)
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+    gate = torch.tensor([0.7], dtype=f64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(gated_skip_add, (up[:1, :2, :2, :2].detach().requires_grad_(),
+                                                         skip[:1, :2, :2, :2].detach().requires_grad_(), gate))
+
+
+def test_sparse_input_rejected_clearly():
+    """Issue 15 item 10: sparse input names the problem and the fix."""
+    up = make_input((1, 2, 3, 3))
+    with pytest.raises(TypeError, match="up must be a dense.*to_dense"):
+        gated_skip_add(up.to_sparse(), up, 1.0)
+
+
 def test_opcheck(triton_backend):
     up = make_input((2, 3, 4, 5))
     skip = make_input((2, 3, 4, 5), layout="channels_last")
@@ -189,12 +219,16 @@ def no_launch(monkeypatch):
     ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5), 1.0), ValueError, r"skip must have the same shape as up"),
     ((torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4), 1.0), ValueError, r"no broadcasting"),
     ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).half(), 1.0), TypeError, r"skip must have up's dtype"),
-    ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, device="meta"), 1.0), ValueError, r"skip must be on up's device"),
-    ((torch.ones(2, 3, 4, 4, dtype=torch.int32), torch.ones(2, 3, 4, 4, dtype=torch.int32), 1.0), TypeError, r"up must be float16"),
+    ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, device="meta"), 1.0), ValueError,
+     r"skip must be on up's device"),
+    ((torch.ones(2, 3, 4, 4, dtype=torch.int32), torch.ones(2, 3, 4, 4, dtype=torch.int32), 1.0), TypeError,
+     r"up must be float16"),
     ((torch.randn(3, 4, 4), torch.randn(3, 4, 4), 1.0), ValueError, r"up must be a 4-D tensor"),
-    ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.ones(2)), ValueError, r"gate must have shape \(3,\), \(\) or \(1,\)"),
+    ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.ones(2)), ValueError,
+     r"gate must have shape \(3,\), \(\) or \(1,\)"),
     ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.ones(1, 3)), ValueError, r"gate must have shape"),
-    ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.ones(3, dtype=torch.int64)), TypeError, r"gate must be a floating-point"),
+    ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.ones(3, dtype=torch.int64)), TypeError,
+     r"gate must be a floating-point"),
     ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), "1"), TypeError, r"gate must be a float or a tensor"),
     ((torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), float("nan")), ValueError, r"gate must be finite"),
     (("up", torch.randn(2, 3, 4, 4), 1.0), TypeError, r"up must be a torch.Tensor"),
@@ -214,7 +248,8 @@ def test_module_default_is_softplus_scalar_at_one():
     assert [name for name, _ in module.named_parameters()] == ["beta"]
 
 
-@pytest.mark.parametrize("gate, init", [("softplus", 2.5), ("softplus_channel", 0.3), ("sigmoid_channel", 0.2), ("softplus", 40.0)])
+@pytest.mark.parametrize("gate, init", [("softplus", 2.5), ("softplus_channel", 0.3), ("sigmoid_channel", 0.2),
+                                        ("softplus", 40.0)])
 def test_module_init_and_gradients(triton_backend, gate, init):
     module = GatedSkip(channels=3, gate=gate, init=init)
     torch.testing.assert_close(module.learned_gate(), torch.full_like(module.beta, init))

@@ -232,6 +232,8 @@ def test_expanded_and_sliced_grad_output(triton_backend, device):
 def test_random_shapes(triton_backend, device, n, cg, g, h, w, layout, act):
     torch.manual_seed(n * 1000 + cg * 100 + g * 10 + h + w)
     c = cg * g
+    if n * cg * h * w == 1:
+        h = 2  # a single value per group is rejected, as by F.group_norm
     x = make_input((n, c, h, w), torch.float32, layout, mean=1.5, scale=0.5, requires_grad=True)
     wt, b = make_params(c, torch.float32, device)
     run_and_check(x, g, wt, b, 1e-3, act)
@@ -248,14 +250,147 @@ def test_int64_indexing_path(triton_backend, device, monkeypatch):
 
 
 def test_empty_tensors(triton_backend, device):
-    for shape in ((0, 4, 3, 3), (2, 4, 0, 3)):
-        x = torch.randn(shape, device=device, requires_grad=True)
-        w, b = make_params(4, torch.float32, device)
-        y = group_norm_act(x, 2, w, b, act="silu")
-        assert y.shape == shape
-        y.sum().backward()
-        assert x.grad.shape == shape
-        assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    """An empty batch runs (as F.group_norm); H·W = 0 is rejected (as F.group_norm, item 8 of issue 15)."""
+    shape = (0, 4, 3, 3)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w, b = make_params(4, torch.float32, device)
+    y = group_norm_act(x, 2, w, b, act="silu")
+    assert y.shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15: defects found by an independent fuzz (each test fails on the code before the fix)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("shape,groups", [((2, 4, 0, 3), 2), ((0, 4, 0, 3), 2), ((1, 4, 1, 1), 4), ((1, 6, 1, 1), 6)])
+def test_rejects_what_torch_rejects(backend_name, shape, groups):
+    """Item 8: H·W = 0 and a single value per group raise in both backends, as F.group_norm does."""
+    fusedskip.set_backend(backend_name)
+    x = torch.randn(shape)
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.nn.functional.group_norm(x, groups)
+    with pytest.raises(ValueError, match="H·W > 0|more than 1 value per group"):
+        group_norm_act(x, groups)
+    ok = torch.randn(2, shape[1], 1, 1)  # N = 2: two values per group, as torch accepts
+    torch.testing.assert_close(group_norm_act(ok, groups, act="identity"),
+                               torch.nn.functional.group_norm(ok, groups), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("split", [False, True])
+def test_nonfinite_value_makes_its_group_nan(triton_backend, monkeypatch, bad, split):
+    """Item 2: ±Inf/NaN in a group gives NaN for the whole group (as torch), not finite values
+    (after ReLU: zeros that look valid); other groups are unaffected."""
+    if split:
+        monkeypatch.setattr(gna_kernels, "REDUCE_TILE", 16)
+    x = make_input((2, 6, 4, 5), layout="channels_last")
+    x[1, 2, 3, 1] = bad  # sample 1, group 1 of 3
+    y = group_norm_act(x, 3, act="relu")
+    ref = torch.relu(torch.nn.functional.group_norm(x, 3))
+    assert y[1, 2:4].isnan().all()
+    mask = torch.ones_like(y, dtype=torch.bool)
+    mask[1, 2:4] = False
+    assert y[mask].isfinite().all()
+    torch.testing.assert_close(y, ref, equal_nan=True, atol=2e-5, rtol=2e-5)
+
+
+def test_identity_grad_with_nonfinite_input(triton_backend):
+    """Item 4: with the identity activation dβ = Σ dy (act'(z) = 1 even where z is ±Inf/NaN;
+    z·0 + 1 made it NaN), as torch; dγ is NaN in the affected group only, as torch."""
+    x = make_input((2, 4, 3, 3))
+    x[0, 0, 0, 0] = float("inf")
+    w = torch.ones(4, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    y = group_norm_act(x, 2, w, b, act="identity")
+    g = torch.randn_like(y)
+    y.backward(g)
+    w_ref, b_ref = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    torch.nn.functional.group_norm(x, 2, w_ref, b_ref).backward(g)
+    torch.testing.assert_close(b.grad, b_ref.grad)
+    assert b.grad.isfinite().all()
+    torch.testing.assert_close(w.grad, w_ref.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("value", [10000.7, 3.3])
+@pytest.mark.parametrize("split", [False, True])
+def test_constant_groups_normalise_to_beta(triton_backend, monkeypatch, value, split):
+    """Item 3: a zero-variance group normalises to exactly β (delta-form merge of the per-lane,
+    per-chunk and per-channel partials), split into many chunks or not; mixed with a normal group."""
+    if split:
+        monkeypatch.setattr(gna_kernels, "REDUCE_TILE", 16)
+    x = make_input((2, 4, 6, 7), layout="channels_last")
+    x[:, :2] = value
+    bias = torch.tensor([0.25, -1.5, 2.0, 0.5])
+    weight = torch.tensor([1.5, 0.5, 2.0, 1.0])
+    y = group_norm_act(x, 2, weight, bias, act="identity")
+    assert torch.equal(y[:, :2], bias[:2].reshape(1, 2, 1, 1).expand(2, 2, 6, 7))
+    check_tensor(y[:, 2:], reference64(x, 2, weight, bias, 1e-5, "identity", 0.0)[:, 2:], torch.float32)
+
+
+def _gn_penalty(fn, x, params):
+    y = fn(x)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
+    assert gx.requires_grad
+    return torch.autograd.grad((gx ** 2).sum(), [x] + params)
+
+
+def test_double_backward_gradient_penalty_matches_torch(triton_backend):
+    """Item 1: group_norm_act (with a fused skip) under create_graph=True gives torch's
+    second-order gradients (was: a loud error; now correct)."""
+    x = make_input((2, 4, 3, 3), torch.float64, requires_grad=True)
+    skip = make_input((2, 4, 3, 3), torch.float64, mean=-0.2)
+    beta = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64).requires_grad_()
+    nn_f = torch.nn.functional
+    ours = _gn_penalty(lambda t: group_norm_act(t, 2, w, b, act="silu", skip=skip, gate=nn_f.softplus(beta)),
+                       x, [w, b, beta])
+    ref = _gn_penalty(lambda t: nn_f.silu(nn_f.group_norm(t + nn_f.softplus(beta) * skip, 2, w, b)), x, [w, b, beta])
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=1e-9)
+
+
+def test_gradgradcheck(triton_backend):
+    """Item 1: second derivatives w.r.t. x, skip, gate, γ, β and the incoming gradient."""
+    f64 = torch.float64
+    x = make_input((2, 4, 2, 2), f64, requires_grad=True)
+    skip = make_input((2, 4, 2, 2), f64, mean=-0.3, requires_grad=True)
+    gate = (torch.rand(4, dtype=f64) + 0.5).requires_grad_()
+    w = (torch.rand(4, dtype=f64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=f64).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda x, skip, gate, w, b: group_norm_act(x, 2, w, b, act="gelu", skip=skip, gate=gate),
+        (x, skip, gate, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_sparse_input_and_string_slope_rejected(backend_name):
+    """Items 6 and 10: a sparse input gets a clear error (was: 'memory format option is only
+    supported by strided tensors'); string and NaN slopes are rejected."""
+    fusedskip.set_backend(backend_name)
+    x = make_input((2, 4, 3, 3))
+    with pytest.raises(TypeError, match="dense.*to_dense"):
+        group_norm_act(x.to_sparse(), 2)
+    with pytest.raises(TypeError, match="negative_slope must be a float"):
+        group_norm_act(x, 2, act="leaky_relu", negative_slope="0.1")
+    with pytest.raises(ValueError, match="negative_slope must be finite"):
+        group_norm_act(x, 2, act="leaky_relu", negative_slope=float("nan"))
+    with pytest.raises(TypeError, match="negative_slope must be a float"):
+        GroupNormAct(2, 4, act="leaky_relu", negative_slope="0.1")
+
+
+def test_interpreter_enabled_after_import_is_explained(monkeypatch):
+    """Item 10: TRITON_INTERPRET=1 set after fusedskip was imported (Triton reads it when the
+    kernels are defined) gets an error that says so (was: '0 active drivers')."""
+    if torch.cuda.is_available():
+        pytest.skip("GPU present")
+    monkeypatch.setattr(fusedskip.backend, "_INTERPRETER_AT_IMPORT", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fusedskip.use_backend("triton"), pytest.raises(RuntimeError, match="set after fusedskip was imported"):
+        group_norm_act(torch.randn(1, 2, 2, 2), 1)
 
 
 def test_deterministic(triton_backend, force_split, device):
@@ -380,7 +515,8 @@ def test_bad_inputs(triton_backend, device, monkeypatch):
         (lambda: group_norm_act(x, True), TypeError, "num_groups must be an int"),
         (lambda: group_norm_act(x, 3, torch.ones(5, device=device)), ValueError, "weight must have shape"),
         (lambda: group_norm_act(x, 3, w, torch.ones(6, 1, device=device)), ValueError, "bias must have shape"),
-        (lambda: group_norm_act(x, 3, torch.ones(6, dtype=torch.int64, device=device)), TypeError, "weight must be a floating"),
+        (lambda: group_norm_act(x, 3, torch.ones(6, dtype=torch.int64, device=device)), TypeError,
+         "weight must be a floating"),
         (lambda: group_norm_act(x, 3, torch.ones(6, device="meta")), ValueError, "weight must be on"),
         (lambda: group_norm_act(x.to(torch.int32), 3), TypeError, "x must be float16"),
         (lambda: group_norm_act(x[0], 3), ValueError, "x must be a 4-D tensor"),

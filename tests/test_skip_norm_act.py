@@ -137,7 +137,8 @@ def unfused_reference(m, up, skip):
     gn = nn.GroupNorm(m.norm.num_groups, m.channels, m.norm.eps, affine=m.norm.affine).to(up.device).double()
     if m.norm.affine:
         gn.load_state_dict({k: v.double() for k, v in m.norm.state_dict().items()})
-    gs = GatedSkip(m.channels, gate=m.skip.kind if m.skip.kind != "fixed" else m.skip.fixed_value).to(up.device).double()
+    kind = m.skip.kind if m.skip.kind != "fixed" else m.skip.fixed_value
+    gs = GatedSkip(m.channels, gate=kind).to(up.device).double()
     gs.load_state_dict({k: v.double() for k, v in m.skip.state_dict().items()})
     act = activation_module(m.norm.act, m.norm.negative_slope)
     with fusedskip.use_backend("reference"):

@@ -13,14 +13,15 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .. import backend
 from .._checks import check_activation, check_per_channel
 from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
+from ..conversion.interop import fx_leaf_call, refuse_script, warn_if_unsynchronised
 from ..kernels import batch_norm_act as kernels
 from ..kernels.launch import acc_dtype, gate_gradient
+from ._autograd import activation_name, create_graph_requested, differentiable_grads
 from .gated_skip import GateArg, _gated_sum_acc, _skip_gate_tensor
 
 ActArg = Union[str, None, nn.Module]
@@ -35,13 +36,18 @@ def _values_per_channel(x: torch.Tensor) -> int:
 # Validation (shared with fusedskip.distributed): clear errors before any launch.
 # --------------------------------------------------------------------------------------------
 def _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act, negative_slope,
-              skip, gate, num_batches_tracked, single_value_check: bool = True
+              skip, gate, num_batches_tracked, single_value_check: bool = True, count_check: bool = True
               ) -> Tuple[str, float, Optional[torch.Tensor]]:
     """Check every argument; return (activation name, slope, gate as a 1-D acc-dtype tensor or None).
 
     ``single_value_check``: raise torch's error for one value per channel in training (off for
-    synchronised batch norm, where only the count summed over ranks matters)."""
+    synchronised batch norm, where only the count summed over ranks matters). ``count_check``:
+    for ``momentum=None`` in training, require ``num_batches_tracked >= 1`` (one host read, as
+    nn.BatchNorm2d's own ``1 / float(num_batches_tracked)``; off when the caller increments it
+    after validating, as BatchNormAct2d does)."""
     check_activation("x", x)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__} {training!r}")
     channels = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None:
@@ -53,6 +59,8 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
                          "(eval mode normalises with the running statistics)")
     if not isinstance(eps, (float, int)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if training and eps <= 0:  # torch's rule (rstd = 1/√(var + eps) is infinite for a constant channel)
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps!r}")
     if momentum is None:
         if training and running_mean is not None and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
@@ -61,6 +69,11 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
     if num_batches_tracked is not None and (not isinstance(num_batches_tracked, torch.Tensor)
                                             or num_batches_tracked.numel() != 1):
         raise ValueError("num_batches_tracked must be a one-element tensor")
+    if (count_check and momentum is None and training and running_mean is not None
+            and not torch.compiler.is_compiling() and int(num_batches_tracked.reshape(())) < 1):
+        raise ValueError(f"num_batches_tracked must be >= 1 for momentum=None (the running-average factor is "
+                         f"1/num_batches_tracked; increment it for this batch first, as nn.BatchNorm2d does), "
+                         f"got {int(num_batches_tracked.reshape(()))}")
     name, slope = resolve_activation(act, negative_slope)
     gate_t = _skip_gate_tensor(x, skip, gate)
     if training and single_value_check and _values_per_channel(x) == 1:
@@ -96,15 +109,46 @@ def batch_norm_act_reference(
     xa = _gated_sum_acc(x, skip, gate_t)
     # In training F.batch_norm updates copies that are written back: autograd then never saves the
     # caller's buffers, which may be updated again in place before backward.
-    rm = running_mean.to(acc, copy=training) if running_mean is not None else None
-    rv = running_var.to(acc, copy=training) if running_var is not None else None
-    y = F.batch_norm(xa, rm, rv, None if weight is None else weight.to(acc), None if bias is None else bias.to(acc),
-                     training, _momentum_factor(momentum, num_batches_tracked), eps)
+    rm = running_mean.to(acc, copy=training).contiguous() if running_mean is not None else None
+    rv = running_var.to(acc, copy=training).contiguous() if running_var is not None else None
+    factor = _momentum_factor(momentum, num_batches_tracked) if training else 0.0  # unused in eval
+    y = _batch_norm_core(xa, rm, rv, weight, bias, training, factor, eps)
     if training and running_mean is not None and rm is not running_mean:
         with torch.no_grad():
             running_mean.copy_(rm)
             running_var.copy_(rv)
     return apply_activation_reference(y, name, slope).to(x.dtype)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (see :func:`_batch_norm_core`)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _batch_norm_core(xa, rm, rv, weight, bias, training: bool, factor: float, eps: float) -> torch.Tensor:
+    """``F.batch_norm`` on the accumulation-dtype input ``xa`` (``rm``/``rv``: contiguous, in its
+    dtype, or None), output in xa's layout.
+
+    Shielded from two bugs of torch's CPU batch_norm backward: a wrong dx when H = 1 and the
+    input's and upstream gradient's strides disagree on the channels_last ambiguity, and NaN dx
+    for a strided weight (``buf[1::2]``) with channels_last input. It gets contiguous NCHW
+    input, contiguous parameters and (through :class:`_ContiguousGrad`) a contiguous gradient."""
+    acc = xa.dtype
+    w = None if weight is None else weight.to(acc).contiguous()
+    b = None if bias is None else bias.to(acc).contiguous()
+    y = F.batch_norm(xa.contiguous(), rm, rv, w, b, training, factor, eps)
+    if y.requires_grad:
+        y = _ContiguousGrad.apply(y)
+    if xa.dim() == 4 and not xa.is_contiguous() and xa.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,8 +277,9 @@ class BatchNormActFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # the kernels' gradients are not differentiable again: say so, don't go silent
     def backward(ctx, grad):
+        if create_graph_requested():  # the kernels' gradients are not differentiable again
+            return _create_graph_backward(ctx, grad)
         x, skip, gate, weight, bias, mean, scale_src = ctx.saved_tensors
         need_dx, need_dskip, need_dgate, need_dw, need_db = ctx.needs_input_grad[:5]
         training, sync = ctx.training, ctx.sync
@@ -265,6 +310,28 @@ class BatchNormActFunction(torch.autograd.Function):
         db = sums[0].to(bias.dtype) if need_db else None
         return (dx if need_dx else None, dskip if need_dskip else None, dgate, dw, db,
                 None, None, None, None, None, None, None, None, None)
+
+
+def _create_graph_backward(ctx, grad):
+    """BatchNormActFunction's backward under ``create_graph=True``: the reference computation's
+    gradients in differentiable torch ops (``_autograd.differentiable_grads``), recomputed from the
+    saved input(s), parameters and, in eval, running statistics; running statistics are not
+    updated again. Loud for synchronised batch norm, whose statistics span ranks."""
+    if ctx.sync is not None:
+        raise RuntimeError("double backward (create_graph=True) through synchronised batch_norm_act is not "
+                           "supported: compute the gradient penalty without SyncBatchNorm (e.g. in eval mode)")
+    x, skip, gate, weight, bias, mean, scale_src = ctx.saved_tensors
+    acc = acc_dtype(x)
+    name = activation_name(ctx.act)
+
+    def recompute():
+        xa = _gated_sum_acc(x, skip, gate)
+        rm, rv = (None, None) if ctx.training else (mean.to(acc).contiguous(), scale_src.to(acc).contiguous())
+        y = _batch_norm_core(xa, rm, rv, weight, bias, ctx.training, 0.0, ctx.eps)
+        return apply_activation_reference(y, name, ctx.slope).to(x.dtype)
+
+    grads = differentiable_grads(grad, (x, skip, gate, weight, bias), ctx.needs_input_grad[:5], recompute)
+    return grads + (None,) * 9
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,8 +371,11 @@ def batch_norm_act(
     with a skip d_up = dx, d_skip = a·dx, d_a = Σ dx·skip.
 
     Runs the Triton kernels or the reference path as :mod:`fusedskip.backend` decides. Raises
-    ``TypeError``/``ValueError`` for bad shapes, dtypes or devices, and torch's "Expected more
-    than 1 value per channel when training" error, before any launch.
+    ``TypeError``/``ValueError`` for bad shapes, dtypes or devices, a non-bool ``training``,
+    ``eps = 0`` in training (as torch), ``num_batches_tracked < 1`` with ``momentum=None`` in
+    training, and torch's "Expected more than 1 value per channel when training" error, before
+    any launch. Under ``create_graph=True`` the backward is built from differentiable torch ops
+    (exact second derivatives, e.g. for a gradient penalty); otherwise it runs the kernels.
     """
     name, slope, gate_t = _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act,
                                     negative_slope, skip, gate, num_batches_tracked)
@@ -440,28 +510,41 @@ class BatchNormAct2d(nn.Module):
         it only enters the running mean (training) and the running-statistics normalisation
         (eval); it receives no gradient.
         """
+        traced = fx_leaf_call(self, x, skip, gate, input_bias=input_bias)
+        if traced is not None:  # torch.fx tracing: one call_module node, like torch's own norms
+            return traced
         check_activation("x", x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"x must have {self.num_features} channels for this BatchNormAct2d, got {x.shape[1]}")
-        nbt = None
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            nbt = self.num_batches_tracked if self.momentum is None else None
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
+        counting = self.training and self.track_running_stats
         if input_bias is not None:
             check_per_channel("input_bias", input_bias, self.num_features, x.device, allow_scalar=False)
+        sync_needed = self._sync_needed(bn_training)
+        # Every check before any state changes: a rejected call must not count a batch.
+        _validate(x, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum, self.eps,
+                  self.act_name, self.negative_slope, skip, gate, self.num_batches_tracked if counting else None,
+                  single_value_check=not sync_needed, count_check=False)
+        backend.use_triton(x)  # raises here for a backend that cannot run on x's device
+        nbt = None
+        if counting:
+            self.num_batches_tracked.add_(1)
+            nbt = self.num_batches_tracked if self.momentum is None else None
+        if input_bias is not None:
             input_bias = input_bias.detach()
             if not bn_training:  # normalise x + b with running mean μ  ⇔  normalise x with μ − b
                 running_mean = running_mean - input_bias.to(running_mean.dtype)
-        if self._sync_needed(bn_training):
+        if sync_needed:
             from ..distributed import sync_batch_norm_act
             out = sync_batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training,
                                       self.momentum, self.eps, self.act_name, self.negative_slope, skip, gate,
                                       num_batches_tracked=nbt, process_group=self.process_group)
         else:
+            if bn_training and self.training:
+                warn_if_unsynchronised(self)
             out = batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum,
                                  self.eps, self.act_name, self.negative_slope, skip, gate, num_batches_tracked=nbt)
         if input_bias is not None and bn_training and running_mean is not None and x.numel() > 0:
@@ -476,6 +559,9 @@ class BatchNormAct2d(nn.Module):
     @property
     def act(self) -> str:
         return self.act_name
+
+    def __prepare_scriptable__(self):
+        refuse_script(self)  # raises: explicit, names the module and the way out (unconvert)
 
     def extra_repr(self) -> str:
         act = self.act_name + (f"({self.negative_slope})" if self.act_name == "leaky_relu" else "")

@@ -17,6 +17,7 @@ from .. import backend
 from .._checks import check_activation, check_per_channel, check_same_shape_device_dtype
 from ..kernels import gated_skip as kernels
 from ..kernels.launch import acc_dtype
+from ._autograd import create_graph_requested
 
 GateArg = Union[float, int, torch.Tensor]
 
@@ -88,10 +89,24 @@ class GatedSkipAddFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         skip, gate = ctx.saved_tensors
         need_dup, need_dskip, need_dgate = ctx.needs_input_grad
+        if create_graph_requested():  # the kernel's gradients are not differentiable again: torch ops
+            return (grad if need_dup else None,) + _gated_skip_grads_torch(grad, skip, gate, need_dskip, need_dgate)
         dskip, dgate = torch.ops.fusedskip.gated_skip_add_backward(grad, skip, gate, need_dskip, need_dgate)
         return (grad if need_dup else None,
                 dskip if need_dskip else None,
                 dgate if need_dgate else None)
+
+
+def _gated_skip_grads_torch(grad, skip, gate, need_dskip: bool, need_dgate: bool):
+    """(d_skip, d_gate) in differentiable torch ops (backward under ``create_graph=True``)."""
+    acc = gate.dtype
+    g = grad.to(acc)
+    dskip = (g * gate.reshape(1, -1, 1, 1)).to(skip.dtype) if need_dskip else None
+    dgate = None
+    if need_dgate:
+        per_channel = (g * skip.to(acc)).sum(dim=(0, 2, 3))
+        dgate = (per_channel.sum() if gate.numel() == 1 else per_channel).reshape(gate.shape)
+    return dskip, dgate
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +262,8 @@ class GatedSkip(nn.Module):
         """The gate for a forward on ``up``, after the checks every user of this gate needs."""
         if self.training and (self.gate_value is not None or self.gate_scale is not None):
             raise RuntimeError("GatedSkip gate override is for inference: call .eval() first or clear it")
-        if self.channels is not None and isinstance(up, torch.Tensor) and up.dim() == 4 and up.shape[1] != self.channels:
+        if (self.channels is not None and isinstance(up, torch.Tensor) and up.dim() == 4
+                and up.shape[1] != self.channels):
             raise ValueError(f"up must have {self.channels} channels for this GatedSkip, got {up.shape[1]}")
         return self.gate()
 

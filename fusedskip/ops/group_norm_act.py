@@ -18,8 +18,10 @@ from torch.nn import functional as F
 from .. import backend
 from .._checks import check_activation, check_per_channel
 from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
+from ..conversion.interop import fx_leaf_call, refuse_script
 from ..kernels import group_norm_act as kernels
 from ..kernels.launch import acc_dtype
+from ._autograd import create_graph_requested, differentiable_grads
 from .gated_skip import GateArg, _gated_sum_acc, _skip_gate_tensor
 
 ActArg = Union[str, None, nn.Module]
@@ -43,6 +45,17 @@ def _check_eps(eps) -> float:
     if not (math.isfinite(eps) and eps >= 0.0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return float(eps)
+
+
+def _check_group_sizes(x: torch.Tensor, num_groups: int) -> None:
+    """torch's F.group_norm rules, in both backends: H·W > 0, and more than one value in
+    N·(C/G)·H·W (a single value has no variance)."""
+    n, c, h, w = x.shape
+    if h * w == 0:
+        raise ValueError(f"x must have H·W > 0 for group_norm_act (as F.group_norm), got input size {list(x.shape)}")
+    if n * (c // num_groups) * h * w == 1:
+        raise ValueError(f"Expected more than 1 value per group (N·C/G·H·W > 1, as F.group_norm), "
+                         f"got input size {list(x.shape)} with num_groups={num_groups}")
 
 
 def _check_affine(x: torch.Tensor, weight, bias) -> None:
@@ -71,8 +84,10 @@ def group_norm_act_reference(
         # group mean changes neither the output nor the gradients, and protects F.group_norm
         # (whose CPU kernel computes E[x²] − E[x]²) from cancellation when |mean| ≫ std.
         n, c = h.shape[:2]
-        shift = h.detach().reshape(n, num_groups, -1).mean(-1)
-        h = h - shift.repeat_interleave(c // num_groups, dim=1).reshape(n, c, 1, 1)
+        # Per-channel means, then per group (equal counts per channel): no view of h, whose
+        # layout may be channels_last (a reshape there breaks under torch.compile's AOT tracing).
+        shift = h.detach().mean(dim=(2, 3)).unflatten(1, (num_groups, c // num_groups)).mean(-1)
+        h = h - shift.repeat_interleave(c // num_groups, dim=1)[:, :, None, None]
     z = F.group_norm(h, num_groups, None if weight is None else weight.to(acc),
                      None if bias is None else bias.to(acc), eps)
     return apply_activation_reference(z, name, slope).to(x.dtype)
@@ -145,6 +160,7 @@ class GroupNormActFunction(torch.autograd.Function):
             x, weight, bias, skip, gate, num_groups, eps, act, negative_slope)
         ctx.save_for_backward(x, weight, bias, skip, gate, mean, rstd)
         ctx.num_groups = num_groups
+        ctx.eps = eps
         ctx.act = act
         ctx.negative_slope = negative_slope
         return y
@@ -152,6 +168,12 @@ class GroupNormActFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, skip, gate, mean, rstd = ctx.saved_tensors
+        if create_graph_requested():  # the kernels' gradients are not differentiable again
+            grads = differentiable_grads(
+                grad, (x, weight, bias, skip, gate), ctx.needs_input_grad[:5],
+                lambda: group_norm_act_reference(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act,
+                                                 ctx.negative_slope, skip, gate))
+            return grads + (None,) * 4
         need_dx, need_dw, need_db, need_dskip, need_dgate = ctx.needs_input_grad[:5]
         dx, dskip, dgate, dw, db = torch.ops.fusedskip.group_norm_act_backward(
             grad, x, weight, bias, skip, gate, mean, rstd, ctx.num_groups, ctx.act, ctx.negative_slope,
@@ -195,11 +217,14 @@ def group_norm_act(
     ``∂L/∂γ = Σ dz·x̂``, ``∂L/∂β = Σ dz``; reductions are deterministic (no float atomics).
 
     Runs the Triton kernels or the reference path as :mod:`fusedskip.backend` decides.
-    Raises ``TypeError``/``ValueError`` naming the argument before any launch.
+    Raises ``TypeError``/``ValueError`` naming the argument before any launch, also for what
+    F.group_norm rejects (H·W = 0, a single value per group). Under ``create_graph=True`` the
+    backward is built from differentiable torch ops (exact second derivatives).
     """
     check_activation("x", x)
     name, slope = resolve_activation(act, negative_slope)
     _check_num_groups(num_groups, x.shape[1])
+    _check_group_sizes(x, num_groups)
     eps = _check_eps(eps)
     _check_affine(x, weight, bias)
     a = _skip_gate_tensor(x, skip, gate)
@@ -251,10 +276,16 @@ class GroupNormAct(nn.Module):
         return self.act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        traced = fx_leaf_call(self, x)
+        if traced is not None:  # torch.fx tracing: one call_module node, like torch's own norms
+            return traced
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.num_channels:
             raise ValueError(f"x must have {self.num_channels} channels for this {type(self).__name__}, "
                              f"got {x.shape[1]}")
         return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.act, self.negative_slope)
+
+    def __prepare_scriptable__(self):
+        refuse_script(self)  # raises: explicit, names the module and the way out (unconvert)
 
     def extra_repr(self) -> str:
         act = f"{self.act}({self.negative_slope})" if self.act == "leaky_relu" else self.act

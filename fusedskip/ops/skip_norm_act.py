@@ -72,7 +72,8 @@ class SkipNormAct(nn.Module):
         """The gate applied in forward (GatedSkip's, overrides included)."""
         return self.skip.gate()
 
-    def override_gate(self, value: Optional[float] = None, scale: Optional[float] = None) -> contextlib.AbstractContextManager:
+    def override_gate(self, value: Optional[float] = None,
+                      scale: Optional[float] = None) -> contextlib.AbstractContextManager:
         """GatedSkip.override_gate: within the block use gate ``value`` or the learned gate × ``scale`` (eval only)."""
         return self.skip.override_gate(value=value, scale=scale)
 
