@@ -16,13 +16,17 @@ statistics over the union of all ranks' batches:
 The result equals ``nn.SyncBatchNorm`` followed by the activation. Unlike torch's
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` (which replaces every ``_BatchNorm`` subclass with a
 bare SyncBatchNorm and silently drops fused activations), this keeps the module and its
-activation. BatchNormAct2d is not a ``_BatchNorm`` subclass, so running torch's converter
-afterwards (e.g. Lightning's ``sync_batchnorm=True``) converts plain BatchNorm layers and leaves
-fused ones intact. Synchronisation works on any device and backend with collectives (gloo on
+activation, and it synchronises the plain BatchNorm layers of the model as well (torch's
+SyncBatchNorm, or on the CPU, where torch's cannot train in a process group, a BatchNormAct2d
+with the identity activation; see ``plain``); whatever it cannot synchronise is named in a
+RuntimeWarning. BatchNormAct2d is not a ``_BatchNorm`` subclass, so running torch's converter
+afterwards (e.g. Lightning's ``sync_batchnorm=True``) leaves fused ones intact.
+Synchronisation of the fused modules works on any device and backend with collectives (gloo on
 the CPU included); eval mode never synchronises.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -169,19 +173,105 @@ def sync_batch_norm_act(
     return apply_activation_reference(y, name, slope).to(x.dtype)
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Synchronise every :class:`~fusedskip.BatchNormAct2d` in ``module`` across ranks.
+PLAIN_MODES = ("auto", "torch", "fused", "keep")
 
-    The modules are kept (activation, parameters, buffers and state_dict keys unchanged) and
-    marked ``sync = True`` with ``process_group`` (None: the whole world), so the call is
-    idempotent and order-independent with torch's ``nn.SyncBatchNorm.convert_sync_batchnorm``,
-    which handles plain BatchNorm layers and leaves fused ones alone. Returns ``module``.
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None, *, plain: str = "auto") -> nn.Module:
+    """Synchronise every BatchNorm in ``module`` across ranks, fused ones keeping their activation.
+
+    * :class:`~fusedskip.BatchNormAct2d` modules are kept (activation, tensors and state_dict keys
+      unchanged) and marked ``sync = True`` with ``process_group`` (None: the whole world).
+    * Plain BatchNorm layers (``nn.BatchNorm1d/2d/3d``, subclasses that keep their forward) are
+      synchronised too, as ``plain`` says:
+
+      - ``"torch"``: torch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` (same tensors). Torch's
+        SyncBatchNorm trains synchronised only on GPU / XPU / HPU / MPS tensors: on the CPU in a
+        process group of world size > 1 it raises.
+      - ``"fused"``: exact ``nn.BatchNorm2d`` becomes ``BatchNormAct2d(act="identity", sync=True)``
+        with the same tensors (same maths; runs on any device and backend, gloo included;
+        ``fusedskip.unconvert`` turns it into an ``nn.SyncBatchNorm``); the others go to torch's.
+      - ``"auto"`` (default): ``"torch"``, except for layers on the CPU while a process group is
+        initialised (torch's module could not train there): exact BatchNorm2d as ``"fused"``,
+        other BatchNorms left with a warning.
+      - ``"keep"``: plain layers are left (a warning lists them).
+
+    A ``_BatchNorm`` subclass with its own forward (timm's BatchNormAct2d) is never replaced by a
+    bare SyncBatchNorm (torch's converter would drop what its forward adds): it is left with a
+    RuntimeWarning naming it (run :func:`fusedskip.convert` first, or timm's converter). Every
+    layer left unsynchronised is named in one RuntimeWarning; nothing is skipped silently.
+    Idempotent; returns ``module`` (or its replacement when ``module`` itself is a plain BatchNorm).
     """
+    if plain not in PLAIN_MODES:
+        raise ValueError(f"plain must be one of {PLAIN_MODES}, got {plain!r}")
     for m in module.modules():
         if isinstance(m, BatchNormAct2d):
             m.sync = True
             m.process_group = process_group
-    return module
+    left: list = []
+    memo: dict = {}
+    out = _sync_tree(module, "", process_group, plain, left, memo)
+    if left:
+        shown = "; ".join(f"{path or '<root>'} ({why})" for path, why in left[:4])
+        more = f"; and {len(left) - 4} more" if len(left) > 4 else ""
+        warnings.warn(f"fusedskip.convert_sync_batchnorm left {len(left)} BatchNorm layer(s) computing per-process "
+                      f"statistics: {shown}{more}", RuntimeWarning, stacklevel=2)
+    return out
+
+
+def _sync_tree(m: nn.Module, path: str, process_group, plain: str, left: list, memo: dict) -> nn.Module:
+    """``m`` with its plain BatchNorms synchronised (children replaced in their slots)."""
+    if id(m) in memo:
+        return memo[id(m)]
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+        new, why = _sync_plain(m, process_group, plain)
+        if why is not None:
+            left.append((path, why))
+    else:
+        new = m
+        for name, child in list(m._modules.items()):
+            if child is not None:
+                synced = _sync_tree(child, f"{path}.{name}" if path else name, process_group, plain, left, memo)
+                if synced is not child:
+                    m._modules[name] = synced
+    memo[id(m)] = new
+    return new
+
+
+_TORCH_SYNC_DEVICES = ("cuda", "xpu", "hpu", "mps")  # where torch's SyncBatchNorm can synchronise
+
+
+def _sync_plain(bn: nn.Module, process_group, plain: str):
+    """``(module, None)`` with ``bn`` synchronised, or ``(bn, reason)`` when it is left."""
+    cls = type(bn)
+    if cls.forward is not nn.modules.batchnorm._BatchNorm.forward:
+        return bn, (f"{cls.__name__} has its own forward: a bare SyncBatchNorm would drop it (fusedskip.convert "
+                    "it first, or use its library's converter)")
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        return bn, "uninitialised lazy BatchNorm (run one forward first)"
+    if plain == "keep":
+        return bn, "plain='keep'"
+    mode = plain
+    if plain == "auto":
+        tensors = list(bn.parameters(recurse=False)) + list(bn.buffers(recurse=False))
+        device = tensors[0].device.type if tensors else None
+        accelerated = device is None or device in _TORCH_SYNC_DEVICES + (torch._C._get_privateuse1_backend_name(),)
+        mode = "torch" if accelerated or not (dist.is_available() and dist.is_initialized()) else "fused-only"
+    if mode in ("fused", "fused-only") and cls is nn.BatchNorm2d:
+        from .conversion.core import fuse_norm_alone
+
+        try:
+            fused = fuse_norm_alone(bn)
+        except ValueError as exc:
+            if mode == "fused-only":
+                return bn, f"on the CPU, where torch's SyncBatchNorm cannot train, and not fusable: {exc}"
+        else:
+            fused.sync = True
+            fused.process_group = process_group
+            return fused, None
+    if mode == "fused-only":
+        return bn, (f"{cls.__name__} on the CPU in an initialised process group: torch's SyncBatchNorm cannot train "
+                    "there and fusedskip synchronises 2-D BatchNorm only")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(bn, process_group), None
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:

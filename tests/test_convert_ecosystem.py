@@ -310,3 +310,116 @@ def test_forward_hook_sees_post_activation_output_and_exclude_keeps_the_norm():
     kept = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     _, report = convert(kept, exclude=["1"])
     assert type(kept[1]) is nn.BatchNorm2d and "excluded" in str(report)
+
+
+# ============================================================================================
+# smp's native EfficientNet (MBConvBlock, EfficientNetEncoder) and DeepLabV3's ASPP
+# ============================================================================================
+def _mbconv(expand: int, cin: int, cout: int, stride: int = 1):
+    eff = pytest.importorskip("segmentation_models_pytorch.encoders._efficientnet")
+    args = eff.BlockArgs(num_repeat=1, kernel_size=3, stride=stride, expand_ratio=expand, input_filters=cin,
+                         output_filters=cout, se_ratio=0.25, id_skip=True)
+    glob = eff.GlobalParams(batch_norm_momentum=0.99, batch_norm_epsilon=1e-3, image_size=None)
+    torch.manual_seed(0)
+    return eff.MBConvBlock(args, glob)
+
+
+@pytest.mark.parametrize("expand,cin,cout,fused,residual", [(4, 4, 4, 2, True), (4, 4, 6, 3, False),
+                                                            (1, 4, 4, 1, True)])
+def test_smp_mbconv_block_rule_exact_for_every_drop_connect_rate(expand, cin, cout, fused, residual):
+    block = _mbconv(expand, cin, cout)
+    original = copy.deepcopy(block)
+    _, report = convert(block)
+    rules = [r.rule for r in report.replaced]
+    assert report.norms_fused == fused and rules.count("smp:mbconv-conv-norm") == (not residual), str(report)
+    assert type(block).__name__ == "FusedMBConvBlock" and type(block._swish) is nn.SiLU  # shared: kept
+    assert block._fusedskip_bn0_act == (expand != 1) and block._fusedskip_bn1_act
+    if residual:
+        assert [e.path for e in report.norms_left] == ["_bn2"] and "residual add" in report.norms_left[0].reason
+    x = torch.randn(2, cin, 6, 6)
+    for mode in (True, False):
+        for rate in (None, 0.0, 0.5):  # drop_connect draws random numbers: same seed for both
+            block.train(mode)
+            original.train(mode)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            torch.manual_seed(7)
+            ya = block(xa, rate)
+            torch.manual_seed(7)
+            yb = original(xb, drop_connect_rate=rate)
+            torch.testing.assert_close(ya, yb, atol=2e-5, rtol=1e-4)
+            ga, = torch.autograd.grad(ya.square().sum(), xa)
+            gb, = torch.autograd.grad(yb.square().sum(), xb)
+            torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-4)
+    for k, v in original.state_dict().items():
+        torch.testing.assert_close(block.state_dict()[k], v)  # running stats moved identically
+    clone = pickle.loads(pickle.dumps(block))
+    assert type(clone).__name__ == "FusedMBConvBlock" and clone._fusedskip_bn1_act
+    unconvert(block)
+    assert type(block) is type(original) and not [k for k in vars(block) if k.startswith("_fusedskip")]
+    assert all(type(m) is not BatchNormAct2d for m in block.modules())
+
+
+def test_smp_mbconv_block_with_a_hooked_norm_keeps_its_swish():
+    block = _mbconv(4, 4, 4)
+    block._bn0.register_forward_hook(lambda *a: None)
+    original = copy.deepcopy(block)
+    _, report = convert(block)
+    assert report.norms_fused == 1 and "hooks" in str(report)  # _bn1 fused, _bn0 left
+    assert not block._fusedskip_bn0_act and block._fusedskip_bn1_act
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(block(x, 0.0), original(x, 0.0), atol=2e-5, rtol=1e-4)
+
+
+def test_smp_efficientnet_encoder_stem_and_head():
+    smp_eff = pytest.importorskip("segmentation_models_pytorch.encoders.efficientnet")
+    torch.manual_seed(0)
+    params = smp_eff.efficient_net_encoders["efficientnet-b0"]["params"]
+    encoder = smp_eff.EfficientNetEncoder(**params)
+    original = copy.deepcopy(encoder)
+    _, report = convert(encoder)
+    counts = report.counts()
+    assert counts["smp:efficientnet-encoder"] == 2 and counts["smp:mbconv-block"] == 31, str(report)
+    assert counts["smp:mbconv-conv-norm"] == 7 and len(report.norms_left) == 9
+    assert all("residual add" in e.reason for e in report.norms_left)
+    assert type(encoder).__name__ == "FusedEfficientNetEncoder" and type(encoder._swish) is nn.SiLU
+    x = torch.randn(2, 3, 32, 32)
+    for mode in (True, False):  # drop connect is on in training (rate 0.2): same seed for both
+        encoder.train(mode)
+        original.train(mode)
+        for method in ("forward", "extract_features"):
+            torch.manual_seed(3)
+            a = getattr(encoder, method)(x)
+            torch.manual_seed(3)
+            b = getattr(original, method)(x)
+            for fa, fb in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                torch.testing.assert_close(fa, fb, atol=5e-5, rtol=1e-4)
+    unconvert(encoder)
+    assert type(encoder) is type(original) and type(encoder._blocks[1]) is type(original._blocks[1])
+
+
+def test_smp_aspp_with_its_pooling_branch_is_fused():
+    deeplab = pytest.importorskip("segmentation_models_pytorch.decoders.deeplabv3.decoder")
+    torch.manual_seed(0)
+    aspp = deeplab.ASPP(4, 4, (1, 2, 3), separable=False, dropout=0.5)
+    pool = aspp.convs[4]
+    assert type(pool) is deeplab.ASPPPooling
+    # AdaptiveAvgPool -> Conv -> BN (on 1x1 maps) -> ReLU, then bilinear upsampling in its own forward
+    _, report = _check(nn.Sequential(copy.deepcopy(pool)), torch.randn(3, 4, 6, 6), 1)
+    assert {r.rule for r in report.replaced} == {"graph:norm-act"}
+    aspp.project[3].p = 0.0  # the dropout after the project's ReLU: deterministic for the comparison
+    _, report = _check(aspp, torch.randn(3, 4, 6, 6), 6)
+    assert report.norms_left == []
+
+
+def test_diffusers_transformer_2d_input_group_norm_is_left_with_its_reason():
+    transformer_2d = pytest.importorskip("diffusers.models.transformers.transformer_2d")
+    torch.manual_seed(0)
+    model = transformer_2d.Transformer2DModel(num_attention_heads=1, attention_head_dim=8, in_channels=8,
+                                              norm_num_groups=2)
+    original = copy.deepcopy(model)
+    _, report = convert(model)
+    left = {e.path: e.reason for e in report.norms_left}
+    assert "no activation follows" in left["norm"] and "saves no pass" in left["norm"], str(report)
+    assert type(model.norm) is nn.GroupNorm
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(model(x).sample, original(x).sample)

@@ -1,9 +1,11 @@
 """Synchronised BatchNormAct2d: the converter, and 2 ranks on gloo (CPU) against BatchNorm2d +
 activation on the concatenated batch (which is what nn.SyncBatchNorm + activation computes)."""
+import copy
 import datetime
 import os
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -36,6 +38,82 @@ def test_converter_keeps_activation_and_survives_torchs_converter():
     assert fused[1].negative_slope == 0.2 and "sync=True" in repr(fused[1])
     revert_sync_batchnorm(model)
     assert not any(m.sync for m in fused)
+
+
+class _OwnForwardBN(nn.BatchNorm2d):
+    """Stands in for timm's BatchNormAct2d: a _BatchNorm subclass whose forward adds something."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def _plain_model():
+    return nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4, act="relu"), nn.BatchNorm2d(4), _OwnForwardBN(4),
+                         nn.Flatten(2), nn.BatchNorm1d(4), nn.Unflatten(2, (3, 3)),
+                         nn.Sequential(nn.Unflatten(2, (1, 3)), nn.BatchNorm3d(4), nn.Flatten(2, 3)))
+
+
+def test_converter_synchronises_plain_batchnorms_and_names_what_it_leaves():
+    model = _plain_model()
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    group = object()
+    with pytest.warns(RuntimeWarning, match=r"left 1 BatchNorm layer\(s\).*3 \(_OwnForwardBN has its own forward"):
+        out = convert_sync_batchnorm(model, process_group=group)
+    assert out is model and model[1].sync and model[1].process_group is group
+    # no process group yet (the usual order): torch's SyncBatchNorm, on the very same tensors
+    assert [type(m) for m in (model[2], model[5], model[7][1])] == [nn.SyncBatchNorm] * 3
+    assert model[2].process_group is group and type(model[3]) is _OwnForwardBN
+    assert all(v is tensors[k] for k, v in model.state_dict(keep_vars=True).items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert convert_sync_batchnorm(model, process_group=group) is model  # idempotent
+    assert type(model[2]) is nn.SyncBatchNorm
+    root = convert_sync_batchnorm(nn.BatchNorm2d(3))  # a lone BatchNorm: the replacement is returned
+    assert type(root) is nn.SyncBatchNorm
+    with pytest.raises(ValueError, match="plain must be one of"):
+        convert_sync_batchnorm(model, plain="all")
+
+
+def test_converter_plain_modes_fused_and_keep():
+    fusedskip.set_backend("reference")
+    model = _plain_model()
+    original = copy.deepcopy(model)
+    weight, running_var = model[2].weight, model[2].running_var
+    with pytest.warns(RuntimeWarning, match="_OwnForwardBN"):
+        convert_sync_batchnorm(model, plain="fused")
+    bn = model[2]
+    assert type(bn) is BatchNormAct2d and bn.act_name == "identity" and bn.sync
+    assert bn.weight is weight and bn.running_var is running_var  # the very tensors (optimizers, checkpoints)
+    assert type(model[5]) is nn.SyncBatchNorm  # 1-D: torch's
+    x = torch.randn(2, 3, 3, 3) + 1
+    original.train()
+    model.train()
+    torch.testing.assert_close(model[:3](x), original[:3](x))  # local statistics without a process group
+    torch.testing.assert_close(bn.running_var, original[2].running_var)
+    restored, _ = fusedskip.unconvert(model)
+    assert type(restored[2]) is nn.SyncBatchNorm and type(restored[1]) is BatchNormAct2d  # the hand-built one stays
+    kept = _plain_model()
+    with pytest.warns(RuntimeWarning, match=r"left 4 BatchNorm.*plain='keep'"):
+        convert_sync_batchnorm(kept, plain="keep")
+    assert type(kept[2]) is nn.BatchNorm2d and kept[1].sync
+
+
+def test_converter_on_cpu_in_a_process_group_uses_the_fused_module(monkeypatch):
+    """Inside an initialised process group on the CPU torch's SyncBatchNorm cannot train: exact
+    BatchNorm2d becomes a synchronised BatchNormAct2d(identity), the rest is named in a warning,
+    and the trainer's converter (which calls this one first) keeps working."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    model = _plain_model()
+    with pytest.warns(RuntimeWarning, match=r"left 3 BatchNorm.*torch's SyncBatchNorm cannot train"):
+        convert_sync_batchnorm(model)
+    assert type(model[2]) is BatchNormAct2d and model[2].sync and model[2].act_name == "identity"
+    assert type(model[5]) is nn.BatchNorm1d and type(model[7][1]) is nn.BatchNorm3d
+    training = pytest.importorskip("fusedskip.training.distributed")
+    said = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = training.convert_batchnorm_for_ddp(_plain_model(), torch.device("cpu"), said.append)
+    assert type(out[2]) is BatchNormAct2d and out[2].sync and said and "3 plain BatchNorm" in said[0]
 
 
 def test_converted_module_without_distributed_is_local():
@@ -130,6 +208,20 @@ def _run_rank(rank: int, backend_name: str, momentum):
     _check("eval output", ours(x), F.silu(ref(x.double())))
 
 
+def _run_plain_rank(rank: int):
+    """A plain nn.BatchNorm2d converted inside the gloo group (CPU): synchronised like the fused ones."""
+    fusedskip.set_backend("reference")
+    torch.manual_seed(4321)
+    plain = nn.BatchNorm2d(C)
+    ref = copy.deepcopy(plain).double()
+    synced = convert_sync_batchnorm(nn.Sequential(plain))[0]
+    assert type(synced) is BatchNormAct2d and synced.sync
+    x = torch.randn(5, C, 3, 4) * 0.5 + 2.0
+    lo, hi = (0, 3) if rank == 0 else (3, 5)
+    _check("plain BatchNorm2d output", synced(x[lo:hi]), ref(x.double())[lo:hi])
+    _check("plain BatchNorm2d running_var", synced.running_var, ref.running_var)
+
+
 def _worker(rank: int, world: int, port: int):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -137,6 +229,7 @@ def _worker(rank: int, world: int, port: int):
     try:
         for backend_name, momentum in (("reference", 0.1), ("triton", None)):
             _run_rank(rank, backend_name, momentum)
+        _run_plain_rank(rank)
     finally:
         dist.destroy_process_group()
 

@@ -20,7 +20,11 @@ class FusedResnetBlock2D(ResnetBlock2D):
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if len(args) > 0 or kwargs.get("scale", None) is not None:
-            deprecation_message = "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise an error in the future. `scale` should directly be passed while calling the underlying pipeline component i.e., via `cross_attention_kwargs`."
+            deprecation_message = (
+                "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise "
+                "an error in the future. `scale` should directly be passed while calling the underlying pipeline "
+                "component i.e., via `cross_attention_kwargs`."
+            )
             deprecate("scale", "1.0.0", deprecation_message)
 
         hidden_states = input_tensor

@@ -314,6 +314,23 @@ def _build_fused(norm: nn.Module, family: str, act: str, slope: float) -> nn.Mod
     return fused
 
 
+def fuse_norm_alone(norm: nn.Module) -> nn.Module:
+    """The fused module with the identity activation for one exact torch norm (BatchNorm2d,
+    SyncBatchNorm, GroupNorm, InstanceNorm2d), holding ``norm``'s very tensors and a shell of it
+    for :func:`fusedskip.unconvert`. ValueError with the reason when there is none. Used by
+    :func:`fusedskip.convert_sync_batchnorm` for plain BatchNorm2d layers on the CPU."""
+    family = norm_family(norm)
+    try:
+        if family is None or type(norm) in timm_norm_act_types():
+            raise _Refuse(type_reason(norm) if family is None else "a timm norm-act module carries its activation")
+        _check_bias(norm)
+        fused = _build_fused(norm, family, "identity", 0.0)
+    except _Refuse as reason:
+        raise ValueError(str(reason)) from None
+    object.__setattr__(fused, _SHELL, make_shell(norm))
+    return fused
+
+
 def _state_layout(m: nn.Module):
     params = {k: tuple(v.shape) for k, v in m.named_parameters(recurse=True)}
     buffers = {k: tuple(v.shape) for k, v in m.named_buffers(recurse=True)}

@@ -15,13 +15,18 @@ torchvision ResNet     stem bn1 + relu (FusedIdentity in ``relu``); BasicBlock b
                        ``Sequential(conv, bn)`` by the generic rule (conv-norm).
 smp Unet               decoder ``Conv2dReLU`` (a Sequential) by the generic rule;
                        ``UnetDecoderBlock``: concat ``[up, skip]`` reported.
+smp EfficientNet       ``MBConvBlock`` _bn0/_bn1 + Swish (class swapped: ``_swish`` is shared);
+(native encoder)       _bn2 alone (conv-norm) unless it feeds the residual add;
+                       ``EfficientNetEncoder`` stem _bn0 (+ head _bn1 of extract_features).
+smp DeepLabV3(+)       ``ASPPPooling`` (pool -> conv -> BN -> ReLU) by the graph matcher.
 MONAI                  ``Convolution``/``ADN`` are Sequentials: the generic rule (incl. N -> D -> A
                        with dropout); ``UpCat`` concat ``[skip, up]`` reported, or replaced by a
                        gated additive skip with ``concat_to_add=True``; ``SkipConnection(cat)``
                        reported.
 diffusers              ``ResnetBlock2D`` norm1 (+ norm2 for ``time_embedding_norm="default"``) with
                        SiLU (class swapped); ``UNet2DModel`` conv_norm_out + conv_act; up
-                       blocks' concat ``[hidden, skip]`` reported; attention group_norm stays.
+                       blocks' concat ``[hidden, skip]`` reported; attention group_norm and
+                       Transformer2DModel's input norm stay (no activation follows, see GN_ALONE).
 timm                   BatchNormAct2d / GroupNormAct / GroupNorm1Act (generic, core).
 =====================  ===================================================================
 """
@@ -43,11 +48,16 @@ KNOWN = {
     "torchvision.Bottleneck": {"forward": {"8f62269c180d5440"}},
     "torchvision.ResNet": {"forward": {"e121ec56fd382554"}, "_forward_impl": {"16ebf135d7b9e93f"}},
     "smp.ResNetEncoder": {"forward": {"2bb1b04c9bc311de"}},
+    "smp.MBConvBlock": {"forward": {"4e55712e8646defb"}},
+    "smp.EfficientNetEncoder": {"forward": {"509f650c21b50a21"}, "extract_features": {"3abe4c1e17df7f8f"}},
     "diffusers.ResnetBlock2D": {"forward": {"29921b9248daadf1"}},
     "diffusers.UNet2DModel": {"forward": {"25f9a02e5ce52f05"}},
     "monai.UpCat": {"forward": {"6c69fe7e528dc736"}},
 }
 
+GN_ALONE = ("Fusing it alone (act='identity') would be exact but saves no pass over memory, and today's "
+            "fused GroupNorm moves more bytes than torch's (benchmarks/results/accounting: gn_silu forward "
+            "7.2 passes fused vs 4.1 eager), so it stays torch's GroupNorm")
 NOT_ADDITIVE = ("fusedskip never turns concatenation into addition implicitly (that changes the "
                 "architecture); ")
 
@@ -96,7 +106,8 @@ def attribute_pair(ctx: Context, module: nn.Module, path: str, norm_name: str, a
 
 
 def swap_block(ctx: Context, block: nn.Module, path: str, known: dict, fuse: Sequence[str], act_name: str,
-               fused_cls: type, rule: str, optional: Sequence[str] = (), plain: Dict[str, str] = None) -> Optional[list]:
+               fused_cls: type, rule: str, optional: Sequence[str] = (),
+               plain: Optional[Dict[str, str]] = None) -> Optional[list]:
     """Fuse ``fuse`` norms (all or none) and ``optional`` ones (each if possible) with the shared
     activation ``act_name`` and swap the block's class for ``fused_cls``. ``plain``: norms that
     stay, with the reason. Returns the names fused, or None when the block was left."""
@@ -173,6 +184,12 @@ def _smp_rules(rules: Dict[type, Callable]) -> None:
             attribute_pair(ctx, model, path, "bn1", "relu", "smp:resnet-encoder-stem", KNOWN["smp.ResNetEncoder"])
 
         rules[encoder.ResNetEncoder] = smp_stem
+    efficientnet = _loaded("segmentation_models_pytorch.encoders._efficientnet")
+    if efficientnet is not None:
+        rules[efficientnet.MBConvBlock] = _smp_mbconv_block
+    efficientnet_encoder = _loaded("segmentation_models_pytorch.encoders.efficientnet")
+    if efficientnet_encoder is not None:
+        rules[efficientnet_encoder.EfficientNetEncoder] = _smp_efficientnet_encoder
     decoder = _loaded("segmentation_models_pytorch.decoders.unet.decoder")
     if decoder is not None:
         def unet_block(ctx, block, path, pred):
@@ -183,6 +200,45 @@ def _smp_rules(rules: Dict[type, Callable]) -> None:
                           "for an additive U-Net")
 
         rules[decoder.UnetDecoderBlock] = unet_block
+
+
+def _smp_mbconv_block(ctx: Context, block: nn.Module, path: str, pred) -> None:
+    """_bn0 (expansion) and _bn1 (depthwise) + the shared Swish; _bn2 after the project conv
+    alone (identity activation) unless it feeds the residual add (drop connect)."""
+    from . import _smp
+    from .graph import RESIDUAL_REASON
+
+    known = KNOWN["smp.MBConvBlock"]
+    residual = bool(getattr(block, "_has_drop_connect", True))
+    if not _block_usable(ctx, block, path, known, ["_bn0", "_bn1", "_bn2"]):
+        return
+    optional = ["_bn0"] if getattr(block, "_has_expansion", False) else []
+    fused = swap_block(ctx, block, path, known, ["_bn1"], "_swish", _smp.FusedMBConvBlock, "smp:mbconv-block",
+                       optional=optional, plain={"_bn2": RESIDUAL_REASON} if residual else {})
+    for name in fused or ():
+        setattr(block, f"_fusedskip{name}_act", True)
+    norm = block._modules.get("_bn2")
+    if residual or norm is None:
+        return
+    try:
+        if not ctx.norm_without_act:
+            raise _Refuse("no activation follows it (project conv -> norm -> block output) and "
+                          "norm_without_act=False")
+        fused_bn2 = ctx.plan(norm, join(path, "_bn2"), None, None, rank_known=True)
+    except _Refuse as reason:
+        ctx.leave(norm, join(path, "_bn2"), str(reason))
+        return
+    ctx.install(block, "_bn2", fused_bn2, "smp:mbconv-conv-norm")
+
+
+def _smp_efficientnet_encoder(ctx: Context, encoder: nn.Module, path: str, pred) -> None:
+    """Stem _bn0 + Swish (forward, extract_features) and head _bn1 + Swish (extract_features)."""
+    from . import _smp
+
+    fused = swap_block(ctx, encoder, path, KNOWN["smp.EfficientNetEncoder"], ["_bn0"], "_swish",
+                       _smp.FusedEfficientNetEncoder, "smp:efficientnet-encoder", optional=["_bn1"])
+    for name in fused or ():
+        setattr(encoder, f"_fusedskip{name}_act", True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,9 +346,19 @@ def _diffusers_rules(rules: Dict[type, Callable]) -> None:
             for name in ("group_norm", "spatial_norm", "norm_cross"):
                 norm = module._modules.get(name)
                 if norm is not None:
-                    ctx.leave(norm, join(path, name), "feeds the attention projections; no activation follows")
+                    ctx.leave(norm, join(path, name), "feeds the attention projections; no activation follows. "
+                              + GN_ALONE)
 
         rules[attention.Attention] = attention_block
+    transformer = _loaded("diffusers.models.transformers.transformer_2d")
+    if transformer is not None:
+        def transformer_2d(ctx, module, path, pred):
+            norm = module._modules.get("norm")
+            if type(norm) is nn.GroupNorm:
+                ctx.leave(norm, join(path, "norm"), "Transformer2DModel input GroupNorm -> proj_in feeds the "
+                          "attention projections; no activation follows. " + GN_ALONE)
+
+        rules[transformer.Transformer2DModel] = transformer_2d
     unet = _loaded("diffusers.models.unets.unet_2d")
     if unet is not None:
         def unet2d(ctx, model, path, pred):
