@@ -246,7 +246,9 @@ def install_interpreter_counters() -> None:
         for name, value in list(zip(self.arg_names, args)) + list(kwargs.items()):
             if isinstance(value, torch.Tensor):
                 storage = value.untyped_storage()
-                ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+                span = (storage.data_ptr(), storage.data_ptr() + storage.nbytes())
+                if span not in ranges:  # a tensor passed twice (a placeholder pointer) counts once
+                    ranges.append(span)
                 launch.args.setdefault(storage.data_ptr(), (name, storage.nbytes()))
         _STATE.launch, _STATE.ranges = launch, ranges
         try:

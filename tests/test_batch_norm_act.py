@@ -234,13 +234,17 @@ def test_opcheck():
     ops = torch.ops.fusedskip
     mean, rstd, m2 = ops.batch_norm_act_stats(x, skip, gate, None, None, None, 0.1, 1e-5)
     grad = torch.randn(x.shape)
-    sums = ops.batch_norm_act_backward_reduce(grad, x, skip, gate, mean, rstd, w, b, 3, 0.0, True)
+    sums, _ = ops.batch_norm_act_backward_reduce(grad, x, skip, gate, mean, rstd, w, b, 3, 0.0, True, True, 1 / 40,
+                                                 True)
     samples = [
         (ops.batch_norm_act_stats.default, (x, skip, gate, rm, rv, nbt, 0.1, 1e-5)),
         (ops.batch_norm_act_merge_stats.default, (torch.tensor([40.0, 12.0]), torch.stack([mean, mean + 1]),
                                                   torch.stack([m2, m2]), rm, rv, None, 0.1, 1e-5)),
         (ops.batch_norm_act_apply.default, (x, None, None, mean, rstd, w, b, False, 1e-5, 3, 0.0)),
-        (ops.batch_norm_act_backward_reduce.default, (grad, x, skip, gate, mean, rstd, w, b, 3, 0.0, True)),
+        (ops.batch_norm_act_backward_reduce.default, (grad, x, skip, gate, mean, rstd, w, b, 3, 0.0, True, True,
+                                                      1 / 40, True)),
+        (ops.batch_norm_act_backward_reduce.default, (grad, x, None, None, mean, rstd, w, b, 3, 0.0, False, False,
+                                                      1 / 40, False)),
         (ops.batch_norm_act_backward_dx.default, (grad, x, skip, gate, mean, rstd, w, b, sums, 1 / 40, True,
                                                   3, 0.0, True, True)),
     ]

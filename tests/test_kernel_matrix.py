@@ -131,6 +131,25 @@ def test_kernels_forward_backward(op_idx, dtype, layout):
                                    msg=f"{name} {act} {str(dtype)} {layout}: grad of {label}")
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_batch_norm_merge_stats_kernel(dtype):
+    """SyncBatchNorm's merge of per-rank (count, mean, M2) rows (its own kernel; the single-rank
+    statistics kernel finalizes in-kernel): mean, rstd and the running update vs float64."""
+    dev = "cpu" if backend.interpreter_active() else "cuda"
+    counts = torch.tensor([12.0, 20.0, 7.0], dtype=dtype, device=dev)
+    means, m2s = torch.randn(3, 6, dtype=dtype, device=dev), torch.rand(3, 6, dtype=dtype, device=dev) * 10
+    rm, rv = torch.zeros(6, device=dev), torch.ones(6, device=dev)
+    mean, rstd = torch.ops.fusedskip.batch_norm_act_merge_stats(counts, means, m2s, rm, rv, None, 0.1, 1e-5)
+    c64, mu64, m264 = counts.double()[:, None], means.double(), m2s.double()
+    mu = (c64 * mu64).sum(0) / c64.sum()
+    m2 = m264.sum(0) + (c64 * (mu64 - mu) ** 2).sum(0)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean.double(), mu, **tol)
+    torch.testing.assert_close(rstd.double(), (m2 / c64.sum() + 1e-5).rsqrt(), **tol)
+    torch.testing.assert_close(rm.double(), 0.1 * mu, **tol)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * m2 / (c64.sum() - 1), **tol)
+
+
 def _python_function(obj):
     """The plain function under a triton.jit / autotune / heuristics wrapper (each keeps it in ``fn``)."""
     for _ in range(8):

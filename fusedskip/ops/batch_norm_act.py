@@ -20,7 +20,7 @@ from .._checks import check_activation, check_per_channel
 from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
 from ..conversion.interop import fx_leaf_call, refuse_script, warn_if_unsynchronised
 from ..kernels import batch_norm_act as kernels
-from ..kernels.launch import acc_dtype, gate_gradient
+from ..kernels.launch import acc_dtype, gate_gradient, register_op
 from ._autograd import activation_name, create_graph_requested, differentiable_grads
 from .gated_skip import GateArg, _gated_sum_acc, _skip_gate_tensor
 
@@ -152,17 +152,19 @@ def _batch_norm_core(xa, rm, rv, weight, bias, training: bool, factor: float, ep
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops around the kernel launches: opaque to torch.compile (fake implementations
-# give shapes and layouts). Running statistics are declared as mutated, so compiled graphs see
-# the in-place update.
+# torch.library ops around the kernel launches, for torch.compile (``launch.register_op``: a
+# triton_op that Inductor sees into on PyTorch >= 2.6, an opaque custom op otherwise; fake
+# implementations give shapes and layouts). Running statistics are declared as mutated, so
+# compiled graphs see the in-place update. Eager calls launch from the autograd Function.
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fusedskip::batch_norm_act_stats", mutates_args=("running_mean", "running_var"))
+@register_op("batch_norm_act_stats", mutates_args=("running_mean", "running_var"))
 def batch_norm_act_stats(
     x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-    num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
+    num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float, launcher,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernels.batch_norm_stats(x, skip, gate, running_mean, running_var, num_batches_tracked, momentum, eps)
+    return kernels.batch_norm_stats(x, skip, gate, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                    launcher=launcher)
 
 
 @batch_norm_act_stats.register_fake
@@ -172,14 +174,14 @@ def _(x, skip, gate, running_mean, running_var, num_batches_tracked, momentum, e
     return (x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc))
 
 
-@torch.library.custom_op("fusedskip::batch_norm_act_merge_stats", mutates_args=("running_mean", "running_var"))
+@register_op("batch_norm_act_merge_stats", mutates_args=("running_mean", "running_var"))
 def batch_norm_act_merge_stats(
     counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor,
     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-    num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
+    num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float, launcher,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     return kernels.batch_norm_merge_stats(counts, means, m2s, running_mean, running_var, num_batches_tracked,
-                                          momentum, eps)
+                                          momentum, eps, launcher=launcher)
 
 
 @batch_norm_act_merge_stats.register_fake
@@ -188,13 +190,14 @@ def _(counts, means, m2s, running_mean, running_var, num_batches_tracked, moment
     return means.new_empty(c), means.new_empty(c)
 
 
-@torch.library.custom_op("fusedskip::batch_norm_act_apply", mutates_args=())
+@register_op("batch_norm_act_apply")
 def batch_norm_act_apply(
     x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor], mean: torch.Tensor,
     scale_src: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    from_var: bool, eps: float, act: int, slope: float,
+    from_var: bool, eps: float, act: int, slope: float, launcher,
 ) -> torch.Tensor:
-    return kernels.batch_norm_apply(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope)
+    return kernels.batch_norm_apply(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope,
+                                    launcher=launcher)
 
 
 @batch_norm_act_apply.register_fake
@@ -202,28 +205,33 @@ def _(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope):
     return torch.empty_like(x, memory_format=torch.preserve_format)
 
 
-@torch.library.custom_op("fusedskip::batch_norm_act_backward_reduce", mutates_args=())
+@register_op("batch_norm_act_backward_reduce")
 def batch_norm_act_backward_reduce(
     grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    act: int, slope: float, gate_sums: bool,
-) -> torch.Tensor:
-    return kernels.batch_norm_backward_reduce(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums)
+    act: int, slope: float, gate_sums: bool, need_dgate: bool, inv_count: float, training: bool, launcher,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    sums, dgate = kernels.batch_norm_backward_reduce(grad, x, skip, gate, mean, rstd, weight, bias, act, slope,
+                                                     gate_sums, need_dgate, inv_count, training, launcher=launcher)
+    # A gradient not asked for comes back as an empty tensor (custom ops cannot return None).
+    return sums, (dgate if dgate is not None else mean.new_empty(0))
 
 
 @batch_norm_act_backward_reduce.register_fake
-def _(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums):
-    return x.new_empty((5 if gate_sums else 2, x.shape[1]), dtype=acc_dtype(x))
+def _(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums, need_dgate, inv_count, training):
+    sums = x.new_empty((5 if gate_sums else 2, x.shape[1]), dtype=acc_dtype(x))
+    return sums, (torch.empty_like(gate) if need_dgate else mean.new_empty(0))
 
 
-@torch.library.custom_op("fusedskip::batch_norm_act_backward_dx", mutates_args=())
+@register_op("batch_norm_act_backward_dx")
 def batch_norm_act_backward_dx(
     grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     sums: torch.Tensor, inv_count: float, training: bool, act: int, slope: float, need_dx: bool, need_dskip: bool,
+    launcher,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     dx, dskip = kernels.batch_norm_backward_dx(grad, x, skip, gate, mean, rstd, weight, bias, sums, inv_count,
-                                               training, act, slope, need_dx, need_dskip)
+                                               training, act, slope, need_dx, need_dskip, launcher=launcher)
     # Gradients not asked for come back as empty tensors (custom ops cannot return None).
     return (dx if dx is not None else x.new_empty(0), dskip if dskip is not None else x.new_empty(0))
 
@@ -233,6 +241,23 @@ def _(grad, x, skip, gate, mean, rstd, weight, bias, sums, inv_count, training, 
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else x.new_empty(0)
     dskip = torch.empty_like(skip, memory_format=torch.preserve_format) if need_dskip else x.new_empty(0)
     return dx, dskip
+
+
+def _call(name: str, *args):
+    """Run a step of the op: the kernels module's launcher directly in eager (no torch.library
+    dispatch on the hot path), the torch.library op while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.fusedskip, "batch_norm_act_" + name)(*args)
+    return _EAGER[name](*args)
+
+
+_EAGER = {
+    "stats": kernels.batch_norm_stats,
+    "merge_stats": kernels.batch_norm_merge_stats,
+    "apply": kernels.batch_norm_apply,
+    "backward_reduce": kernels.batch_norm_backward_reduce,
+    "backward_dx": kernels.batch_norm_backward_dx,
+}
 
 
 class BatchNormActFunction(torch.autograd.Function):
@@ -246,7 +271,8 @@ class BatchNormActFunction(torch.autograd.Function):
     Backward, with dy' = dy·act'(z), x̂ = (x − mean)·rstd and M values per channel:
     dβ = Σ dy', dγ = Σ dy'·x̂ (local sums: DDP reduces parameter gradients),
     dx = γ·rstd·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) with the sums all-reduced under sync (training),
-    dx = γ·rstd·dy' (eval); with a skip: d_up = dx, d_skip = a·dx, d_a = Σ dx·skip.
+    dx = γ·rstd·dy' (eval); with a skip: d_up = dx, d_skip = a·dx, d_a = Σ dx·skip (in the reduce
+    kernel; from all-reduced sums on the host under sync).
     """
 
     @staticmethod
@@ -255,23 +281,21 @@ class BatchNormActFunction(torch.autograd.Function):
         count = _values_per_channel(x)
         if training:
             if sync is None:
-                mean, rstd, _ = torch.ops.fusedskip.batch_norm_act_stats(
-                    x, skip, gate, running_mean, running_var, num_batches_tracked, momentum, eps)
+                mean, rstd, _ = _call("stats", x, skip, gate, running_mean, running_var, num_batches_tracked,
+                                      momentum, eps)
             else:
-                local_mean, _, local_m2 = torch.ops.fusedskip.batch_norm_act_stats(
-                    x, skip, gate, None, None, None, 0.0, eps)
+                local_mean, _, local_m2 = _call("stats", x, skip, gate, None, None, None, 0.0, eps)
                 counts, means, m2s = sync.gather_stats(count, local_mean, local_m2)
                 count = int(counts.sum().item())  # one host sync, as torch's SyncBatchNorm has
                 if count == 1:
                     raise ValueError("Expected more than 1 value per channel when training, got input size 1 "
                                      "(summed over ranks)")
-                mean, rstd = torch.ops.fusedskip.batch_norm_act_merge_stats(
-                    counts, means, m2s, running_mean, running_var, num_batches_tracked, momentum, eps)
+                mean, rstd = _call("merge_stats", counts, means, m2s, running_mean, running_var,
+                                   num_batches_tracked, momentum, eps)
             scale_src, from_var = rstd, False
         else:
             mean, scale_src, from_var = running_mean, running_var, True
-        out = torch.ops.fusedskip.batch_norm_act_apply(x, skip, gate, mean, scale_src, weight, bias, from_var,
-                                                       eps, act, slope)
+        out = _call("apply", x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope)
         ctx.save_for_backward(x, skip, gate, weight, bias, mean, scale_src)
         ctx.training, ctx.eps, ctx.act, ctx.slope, ctx.sync, ctx.count = training, eps, act, slope, sync, count
         return out
@@ -286,30 +310,33 @@ class BatchNormActFunction(torch.autograd.Function):
         acc = acc_dtype(x)
         rstd = scale_src if training else torch.rsqrt(scale_src.to(acc) + ctx.eps)
         sync_dx = training and sync is not None and (need_dx or need_dskip or need_dgate)
-        sums = global_sums = None
+        inv_count = 1.0 / max(ctx.count, 1)
+        sums = global_sums = dgate = None
         if training or need_dw or need_db or need_dgate:
-            sums = torch.ops.fusedskip.batch_norm_act_backward_reduce(
-                grad, x, skip, gate, mean, rstd, weight, bias, ctx.act, ctx.slope, bool(need_dgate))
-            global_sums = sums[:2]
+            # The gate gradient comes from the kernel, except under sync (it needs the global sums).
+            sums, dgate = _call("backward_reduce", grad, x, skip, gate, mean, rstd, weight, bias, ctx.act, ctx.slope,
+                                bool(need_dgate), bool(need_dgate and not sync_dx), inv_count, training)
+            global_sums = sums
             if sync_dx:
                 global_sums = sync.all_reduce_(sums[:2].clone())
-        dx = dskip = dgate = None
+                if need_dgate:
+                    dgate = _sync_gate_gradient(sums, global_sums, rstd, weight, gate, inv_count, acc)
+        dx = dskip = None
         if need_dx or need_dskip:
-            dx, dskip = torch.ops.fusedskip.batch_norm_act_backward_dx(
-                grad, x, skip, gate, mean, rstd, weight, bias,
-                global_sums if global_sums is not None else mean.new_zeros(2, x.shape[1]),
-                1.0 / max(ctx.count, 1), training, ctx.act, ctx.slope, bool(need_dx), bool(need_dskip))
-        if need_dgate:
-            k1 = rstd.to(acc) if weight is None else rstd.to(acc) * weight.to(acc)
-            per_channel = sums[2]
-            if training:
-                inv = 1.0 / max(ctx.count, 1)
-                per_channel = per_channel - global_sums[0] * inv * sums[3] - global_sums[1] * inv * sums[4]
-            dgate = gate_gradient(k1 * per_channel, gate)
+            dx, dskip = _call("backward_dx", grad, x, skip, gate, mean, rstd, weight, bias,
+                              global_sums if global_sums is not None else mean.new_zeros(2, x.shape[1]),
+                              inv_count, training, ctx.act, ctx.slope, bool(need_dx), bool(need_dskip))
         dw = sums[1].to(weight.dtype) if need_dw else None
         db = sums[0].to(bias.dtype) if need_db else None
-        return (dx if need_dx else None, dskip if need_dskip else None, dgate, dw, db,
+        return (dx if need_dx else None, dskip if need_dskip else None, dgate if need_dgate else None, dw, db,
                 None, None, None, None, None, None, None, None, None)
+
+
+def _sync_gate_gradient(sums, global_sums, rstd, weight, gate, inv_count: float, acc):
+    """Σ dx·skip under SyncBatchNorm: local skip sums with the all-reduced Σdy', Σdy'·x̂."""
+    k1 = rstd.to(acc) if weight is None else rstd.to(acc) * weight.to(acc)
+    per_channel = sums[2] - global_sums[0] * inv_count * sums[3] - global_sums[1] * inv_count * sums[4]
+    return gate_gradient(k1 * per_channel, gate)
 
 
 def _create_graph_backward(ctx, grad):

@@ -1,7 +1,7 @@
 """Gated additive skip fusion ``out = up + a ⊙ skip`` (the Additive U-Net's skip connection).
 
-Side by side here: the reference PyTorch path, the torch.library ops that launch the Triton
-kernels (``fusedskip/kernels/gated_skip.py``), the autograd Function, the functional
+Side by side here: the reference PyTorch path, the torch.library ops (torch.compile's route to the
+Triton kernels in ``fusedskip/kernels/gated_skip.py``), the autograd Function (eager launches), the functional
 :func:`gated_skip_add` and the module :class:`GatedSkip`.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from .. import backend
 from .._checks import check_activation, check_per_channel, check_same_shape_device_dtype
 from ..kernels import gated_skip as kernels
-from ..kernels.launch import acc_dtype
+from ..kernels.launch import acc_dtype, register_op
 from ._autograd import create_graph_requested
 
 GateArg = Union[float, int, torch.Tensor]
@@ -44,12 +44,13 @@ def gated_skip_add_reference(up: torch.Tensor, skip: torch.Tensor, gate: torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops around the kernel launches: opaque to torch.compile, so a compiled model
-# calls them without graph breaks (fake implementations give shapes and layouts).
+# torch.library ops around the kernel launches, for torch.compile (``launch.register_op``: a
+# triton_op that Inductor sees into on PyTorch >= 2.6, an opaque custom op otherwise); eager
+# calls launch the kernels directly from the autograd Function.
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fusedskip::gated_skip_add_forward", mutates_args=())
-def gated_skip_add_forward(up: torch.Tensor, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return kernels.gated_skip_forward(up, skip, gate)
+@register_op("gated_skip_add_forward")
+def gated_skip_add_forward(up: torch.Tensor, skip: torch.Tensor, gate: torch.Tensor, launcher) -> torch.Tensor:
+    return kernels.gated_skip_forward(up, skip, gate, launcher=launcher)
 
 
 @gated_skip_add_forward.register_fake
@@ -57,11 +58,11 @@ def _(up, skip, gate):
     return torch.empty_like(up, memory_format=torch.preserve_format)
 
 
-@torch.library.custom_op("fusedskip::gated_skip_add_backward", mutates_args=())
+@register_op("gated_skip_add_backward")
 def gated_skip_add_backward(
-    grad: torch.Tensor, skip: torch.Tensor, gate: torch.Tensor, need_dskip: bool, need_dgate: bool
+    grad: torch.Tensor, skip: torch.Tensor, gate: torch.Tensor, need_dskip: bool, need_dgate: bool, launcher,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    dskip, dgate = kernels.gated_skip_backward(grad, skip, gate, need_dskip, need_dgate)
+    dskip, dgate = kernels.gated_skip_backward(grad, skip, gate, need_dskip, need_dgate, launcher=launcher)
     # Gradients not asked for come back as empty tensors (custom ops cannot return None).
     return (dskip if dskip is not None else skip.new_empty(0),
             dgate if dgate is not None else gate.new_empty(0))
@@ -78,12 +79,15 @@ class GatedSkipAddFunction(torch.autograd.Function):
 
     ``gate`` is the gate value ``a`` itself (fp32, one or C values); gradients to a gate's
     parameters (softplus/sigmoid of β) flow through autograd on those C-element tensors.
+    Eager calls launch the kernels directly; under torch.compile the torch.library ops run.
     """
 
     @staticmethod
     def forward(ctx, up: torch.Tensor, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(skip, gate)
-        return torch.ops.fusedskip.gated_skip_add_forward(up, skip, gate)
+        if torch.compiler.is_compiling():
+            return torch.ops.fusedskip.gated_skip_add_forward(up, skip, gate)
+        return kernels.gated_skip_forward(up, skip, gate)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -91,7 +95,10 @@ class GatedSkipAddFunction(torch.autograd.Function):
         need_dup, need_dskip, need_dgate = ctx.needs_input_grad
         if create_graph_requested():  # the kernel's gradients are not differentiable again: torch ops
             return (grad if need_dup else None,) + _gated_skip_grads_torch(grad, skip, gate, need_dskip, need_dgate)
-        dskip, dgate = torch.ops.fusedskip.gated_skip_add_backward(grad, skip, gate, need_dskip, need_dgate)
+        if torch.compiler.is_compiling():
+            dskip, dgate = torch.ops.fusedskip.gated_skip_add_backward(grad, skip, gate, need_dskip, need_dgate)
+        else:
+            dskip, dgate = kernels.gated_skip_backward(grad, skip, gate, need_dskip, need_dgate)
         return (grad if need_dup else None,
                 dskip if need_dskip else None,
                 dgate if need_dgate else None)
