@@ -423,3 +423,35 @@ def test_diffusers_transformer_2d_input_group_norm_is_left_with_its_reason():
     assert type(model.norm) is nn.GroupNorm
     x = torch.randn(2, 8, 4, 4)
     torch.testing.assert_close(model(x).sample, original(x).sample)
+
+
+class _TwoMethods(nn.Module):
+    """forward fuses cleanly, but extract_features reads the same norm / activation on its own."""
+
+    def __init__(self, uses: str):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.uses = uses
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def extract_features(self, x):
+        if self.uses == "norm":
+            return self.bn(self.conv(x))        # no activation: a fused norm would add one
+        return self.act(self.conv(x))           # the activation alone: FusedIdentity would drop it
+
+
+@pytest.mark.parametrize("uses", ["norm", "act"])
+def test_graph_matcher_leaves_chains_other_methods_use(uses):
+    """Fusing a norm -> act pair must not change any other method of the block."""
+    model = _TwoMethods(uses).eval()
+    x = torch.randn(2, 4, 5, 5)
+    before = (model(x), model.extract_features(x))
+    converted, report = convert(copy.deepcopy(model))
+    assert not any(isinstance(m, (BatchNormAct2d,)) for m in converted.modules())
+    assert "also used by _TwoMethods.extract_features" in str(report)
+    torch.testing.assert_close(converted(x), before[0])
+    torch.testing.assert_close(converted.extract_features(x), before[1])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -177,6 +178,26 @@ def _follow(block: nn.Module, path: str, m: _Match, calls: Dict[str, int]) -> No
         raise _Refuse(f"followed by {getattr(what, '__name__', what)}, not an activation: nothing to fuse")
 
 
+def _used_elsewhere(block: nn.Module, attr: str) -> Optional[str]:
+    """The first method of ``block``'s classes other than ``forward``/``__init__`` that reads
+    ``self.<attr>`` (e.g. an ``extract_features`` that calls the same norm or activation): fusing
+    would silently change that method, so such chains are left."""
+    pattern = re.compile(rf"self\.{re.escape(attr)}\b")
+    for cls in type(block).__mro__:
+        if cls in (nn.Module, object) or cls.__module__.startswith("torch."):
+            continue
+        for name, fn in vars(cls).items():
+            if name in ("forward", "__init__") or not inspect.isfunction(fn):
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            if pattern.search(source):
+                return f"{cls.__name__}.{name}"
+    return None
+
+
 def _rank_known(block: nn.Module, node: fx.Node, ctx: Context) -> bool:
     src = node.args[0] if node.args else None
     if ctx.assume_2d or (isinstance(src, fx.Node) and src.op == "call_module"
@@ -229,6 +250,10 @@ def graph_rule(ctx: Context, block: nn.Module, path: str, pred=None) -> None:
                         and is_conv(_module(block, users[0].target))):
                     raise
                 m.spec = ("identity", 0.0)  # conv -> norm -> conv: fuse the norm alone
+            for attr in (name, m.act_target):
+                other = _used_elsewhere(block, attr) if attr else None
+                if other:
+                    raise _Refuse(f"self.{attr} is also used by {other}, which fusing would change")
             own_slot = (m.act_module is not None and "." not in m.act_target and calls[m.act_target] == 1
                         and ctx.slot_refs[id(m.act_module)] == 1)
             if m.act_node is not None and not own_slot:
