@@ -4,38 +4,61 @@ Computes ``y = act(γ ⊙ x̂ + β)`` with ``x̂ = (h − μ_{n,g}) · rstd_{n,g
 input ``h`` [N, C, H, W]; ``h = x`` or, with a skip (constexpr ``HAS_SKIP``),
 ``h = up + a ⊙ skip`` with the gate ``a`` (1 or C values), which is never materialised.
 
-Tensors are walked as [N, C, S] (S = H·W) through their own strides, as in the gated-skip
-kernels: NCHW, channels_last and any strided view run without layout copies. Every pass tiles
-[BLOCK_S, BLOCK_C] with the contiguous axis wide (S for NCHW, C for channels_last) so loads
-coalesce, and every reduction is first *per channel* over a chunk of S: partial statistics of
-channels that belong to one group are merged afterwards by a tiny finalize kernel. Grouping by
-channel keeps the hot loop independent of the group size (any C/G, powers of two or not, and
-channels_last tiles spanning several groups) and gives parallelism over S when N·G is small.
+Tensors are walked as [N, C, S] (S = H·W) through their own strides: NCHW, channels_last and any
+strided view run without layout copies. Two designs, chosen per call by :func:`single_pass_tile`:
 
-Forward (2 passes over the input + 1 write):
-  1. stats:    grid (N·chunks, C-blocks); per-lane Welford over the chunk, Chan-merged across
-               lanes → fp32 per-channel partial (mean, M2) [N·chunks, C] (count known per chunk).
-  2. finalize: grid (N·G); Chan-merges the chunks × C/G partials of a group → mean, rstd [N, G].
-  3. apply:    grid (N·S-tiles, C-blocks); y = act(z), z = (h − μ)·rstd·γ + β. Autotuned.
-  With one chunk per (n, C-block) (enough programs already, ``chunks == 1``) step 1 is the plain
-  one-pass-per-channel-block reduction; ``chunks > 1`` is the split reduction for small N·G.
+**Single pass** (a group fits on chip). One program per (n, GP consecutive groups) loads its
+groups once as one [BLOCK_S, GP·BLOCK_CG] register tile (BLOCK_S ≥ S, BLOCK_CG ≥ C/G), computes
+the statistics there, normalises, applies the activation and writes:
+  forward   1 launch: reads x (and skip) once, writes y: the 2-pass minimum (3 with skip);
+  backward  1 launch: reads x (skip), dy once, writes dx (d_skip): the 3-pass minimum (5 with
+            skip); its last program to finish sums dγ, dβ and the gate's gradient.
+Statistics are two-level and exact in registers: per-channel sums over S, then per-group sums of
+those, about the group's first element (so a constant group has exactly its value as mean and
+normalises to exactly β), and the variance as the mean squared deviation from that mean (no
+E[x²] − E[x]²). GP > 1 (channels_last only) widens each row of the tile towards 16 channels
+(32 contiguous bytes in bf16) while GP divides G and the rule below still holds.
+Rule (documented here, tested on both sides in tests/test_group_norm_act.py): single pass when
+the padded tile BLOCK_S·GP·BLOCK_CG fits on chip, forward ≤ ``SINGLE_PASS_MAX_ELEMS`` (32 K
+elements = 64 KB in bf16: one live fp32 tile, 64 elements a thread at 16 warps, 128 registers),
+backward ≤ ``SINGLE_PASS_BWD_MAX_ELEMS`` (16 K: two live fp32 tiles, x̂ and dz, at 16 warps;
+the gate's sums are taken while the skip tile is live so that it dies early), and either
+N·G/GP ≥ the number of SMs (the grid fills the device) or the tile is at most
+``SMALL_GROUP_ELEMS`` (one program's work is then below a launch's latency, so the split
+design's extra launches cost more than its parallelism gains). Otherwise the split design. The
+two passes decide independently (only mean and rstd pass between them). Measured for sm_90
+(``triton.compile`` + ptxas, bf16 channels_last, 16×128×64×64, G = 32): forward 128 registers,
+no spill; backward 128 registers, no spill (48 bytes of stack with a skip).
 
-Backward (2 passes; only h's inputs and fp32 (mean, rstd) were saved, z and act'(z) are
-recomputed): with dz = dy·act'(z), g = γ·dz and means over the M = (C/G)·S elements of a group,
+**Split** (groups too large for the chip, or too few of them). Every reduction is first *per
+channel* over a chunk of S, merged per group by a tiny finalize kernel:
+  forward:  stats (grid (N·chunks, C-blocks), per-lane Welford, Chan-merged) → finalize (grid
+            N·G: mean, rstd) → apply (grid (N·S-tiles, C-blocks), autotuned). 2 reads + 1 write.
+  backward: reduce (per-channel Σ dz, Σ dz·x̂ over S-chunks) → finalize (per-(n, c) sums and the
+            per-group means m1 = mean(g), m2 = mean(g·x̂)) → dx (dh, d_skip, gate partials).
+  ``chunks > 1`` splits S for small N·G.
+
+Backward formulas (only h's inputs and fp32 (mean, rstd) are saved; z and act'(z) are recomputed):
+with dz = dy·act'(z), g = γ·dz and means over the M = (C/G)·S elements of a group,
   dh = rstd·(g − mean(g) − x̂·mean(g·x̂)),   dγ_c = Σ dz·x̂,   dβ_c = Σ dz,
   d_up = dh,   d_skip = a·dh,   d_a = Σ dh·skip.
-  1. reduce:   per-channel partials Σ dz and Σ dz·x̂ over S-chunks → [N·chunks, C] (fp32).
-  2. finalize: grid (N·G): per-(n, c) sums (host sums them over N into dβ, dγ: deterministic,
-               no float atomics) and the per-(n, g) means m1 = mean(g), m2 = mean(g·x̂).
-  3. dx:       dh, d_skip, and per-program partials of Σ dh·skip for the gate.
+Both designs write per-(n, c) (single pass) or per-(n·chunk, c) (split) partials of dβ, dγ and
+d_a and sum them in a fixed order (deterministic, no float atomics) straight into the parameters'
+and the gate's gradients: no host-side torch ops. The single pass does it in its last program
+(an int32 ticket counts finished programs), the split design in ``_group_norm_act_param_grad_kernel``.
 
 Accumulation is fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs (gradcheck). Float scalars
-(eps, slope) arrive as an fp32 (hi, lo) pair and are rebuilt in the accumulation dtype in-kernel:
-fp32 work never sees fp64 scalars, fp64 work keeps ~48 bits of them.
+(eps, slope) arrive as an fp32 (hi, lo) pair and are rebuilt in the accumulation dtype in-kernel.
+
+Arguments (the scheme of every kernel file): pointers first, then scalars, then constexprs. A
+tensor ``t`` is ``t_ptr`` with strides ``t_sn, t_sc, t_sh, t_sw`` ([N, C, H, W]; ``t_sw`` carries
+the merged spatial stride under ``MERGED_HW``); a per-channel vector ``v`` is ``v_ptr`` with stride
+``v_sc`` (0 broadcasts one value). Tensors: x (= up), skip, grad (= dy), out (= y), dx, dskip;
+vectors: gate (a), weight (γ), bias (β); statistics and partials are dense fp32/fp64 buffers.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,25 +70,36 @@ from .activations import activation, activation_grad
 from .common import acc_scalar, chunk_program, load_affine, merge_partials, tile_program
 from .launch import (
     FIXED_TILE,
+    Plan,
+    PlanCache,
     acc_dtype,
     all_spatial_mergeable,
     autotune,
+    cdiv,
     channels_inner,
     device_guard,
     empty_like_layout,
     finalize_blocks,
-    gate_gradient,
     kernel_strides,
     needs_int64,
+    signature,
     split_fp64,
+    tickets,
     tile_configs,
     tile_grid,
     vector_stride,
 )
 
-# Elements per tile of the reduction passes (per-lane accumulators live in registers: 3 per
+# Elements per tile of the split reduction passes (per-lane accumulators live in registers: 3 per
 # element for Welford, 2 for the backward sums). Tests shrink it to force many chunks.
 REDUCE_TILE = 2048
+# The single-pass rule (see the module docstring); tests set them to force either design.
+SINGLE_PASS_MAX_ELEMS = 32768
+SINGLE_PASS_BWD_MAX_ELEMS = 16384
+SMALL_GROUP_ELEMS = 4096
+# Single-pass tile elements per thread: sets num_warps (4..16).
+SINGLE_PASS_ELEMS_PER_THREAD = 16
+MAX_WARPS = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,25 +111,265 @@ REDUCE_TILE = 2048
 # s_lo = s with the merged stride in the w slot; otherwise s_hi = h, s_lo = w (one div/mod per
 # tile shared by all tensors). The offset of a tensor is n·sn + c·sc + s_hi·sh + s_lo·sw.
 # --------------------------------------------------------------------------------------------
+# Single pass
 # --------------------------------------------------------------------------------------------
-# Forward
+@triton.jit
+def _group_tile_program(S, G, CG, GP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
+                        CG_EXACT: tl.constexpr, INT64: tl.constexpr):
+    """Prologue of the single-pass kernels, grid (N · G/GP,): program = (n, GP groups from g0).
+    Returns ``(n, g0, s, c, c_mask, mask)``: the tile's spatial indices [BLOCK_S], channels
+    [GP·BLOCK_CG] (group-major; padded channels of a group are masked) and the in-bounds masks."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    g_blocks = G // GP  # GP divides G
+    n = pid // g_blocks
+    g0 = (pid % g_blocks) * GP
+    col = tl.arange(0, GP * BLOCK_CG)
+    s = tl.arange(0, BLOCK_S)
+    if CG_EXACT:  # BLOCK_CG == C/G: the channels are one contiguous run (vectorisable)
+        c = g0 * CG + col
+        c_mask = col < GP * BLOCK_CG
+    else:
+        c = (g0 + col // BLOCK_CG) * CG + col % BLOCK_CG
+        c_mask = col % BLOCK_CG < CG
+    mask = (s < S)[:, None] & c_mask[None, :]
+    return n, g0, s, c, c_mask, mask
+
+
+@triton.jit
+def _per_group(v, GP: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """[GP·BLOCK_CG] per-channel values → [GP] per-group sums."""
+    return tl.sum(tl.reshape(v, (GP, BLOCK_CG)), axis=1)
+
+
+@triton.jit
+def _to_channels(v, GP: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """[GP] per-group values → [GP·BLOCK_CG], each repeated over its group's channels."""
+    return tl.reshape(tl.broadcast_to(v[:, None], (GP, BLOCK_CG)), (GP * BLOCK_CG,))
+
+
+@triton.jit
+def _group_norm_act_fused_kernel(
+    x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr,
+    S, W, G, CG, eps_hi, eps_lo, slope_hi, slope_lo,
+    x_sn, x_sc, x_sh, x_sw,
+    skip_sn, skip_sc, skip_sh, skip_sw,
+    out_sn, out_sc, out_sh, out_sw,
+    gate_sc, weight_sc, bias_sc,
+    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr, CG_EXACT: tl.constexpr,
+    GP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
+):
+    """Single-pass forward: y = act(GN(x [+ a·skip])) and the group statistics (mean, rstd).
+
+    Grid (N · G/GP,); each program holds GP whole groups in registers. Pointers: x, skip (read),
+    y (written); gate / w / b per-channel vectors; mean / rstd [N, G] outputs. Strides per tensor
+    as the module docstring names them."""
+    n, g0, s, c, c_mask, mask = _group_tile_program(S, G, CG, GP, BLOCK_S, BLOCK_CG, CG_EXACT, INT64)
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    eps = acc_scalar(eps_hi, eps_lo, ACC_FP64)
+    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+    gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64,
+                           GP * BLOCK_CG)
+    if MERGED_HW:
+        s_hi = s * 0
+        s_lo = s
+    else:
+        s_hi = s // W
+        s_lo = s % W
+    h = tl.load(x_ptr + n * x_sn + c[None, :] * x_sc + (s_hi * x_sh + s_lo * x_sw)[:, None],
+                mask=mask, other=0.0).to(acc_ty)
+    if HAS_SKIP:
+        a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
+        k = tl.load(skip_ptr + n * skip_sn + c[None, :] * skip_sc + (s_hi * skip_sh + s_lo * skip_sw)[:, None],
+                    mask=mask, other=0.0).to(acc_ty)
+        h += a[None, :] * k
+    # Exact two-level statistics about each group's first element h[s=0, first channel].
+    first = tl.sum(tl.where((s == 0)[:, None], h, 0.0), axis=0)
+    ref_g = tl.sum(tl.where(tl.arange(0, BLOCK_CG)[None, :] == 0, tl.reshape(first, (GP, BLOCK_CG)), 0.0), axis=1)
+    count = tl.cast(CG, acc_ty) * tl.cast(S, acc_ty)
+    dev = tl.where(mask, h - _to_channels(ref_g, GP, BLOCK_CG)[None, :], 0.0)
+    mean_g = ref_g + _per_group(tl.sum(dev, axis=0), GP, BLOCK_CG) / count
+    mu = _to_channels(mean_g, GP, BLOCK_CG)
+    dev = tl.where(mask, h - mu[None, :], 0.0)
+    var_g = _per_group(tl.sum(dev * dev, axis=0), GP, BLOCK_CG) / count
+    rstd_g = 1.0 / tl.sqrt(var_g + eps)  # NaN from a non-finite group propagates
+    gi = n * G + g0 + tl.arange(0, GP)
+    tl.store(mean_ptr + gi, mean_g)
+    tl.store(rstd_ptr + gi, rstd_g)
+    # The same z formula as the backward recomputation, so act'(z) matches the forward exactly.
+    xhat = (h - mu[None, :]) * _to_channels(rstd_g, GP, BLOCK_CG)[None, :]
+    y = activation(xhat * gam[None, :] + bet[None, :], ACT, slope)
+    tl.store(out_ptr + n * out_sn + c[None, :] * out_sc + (s_hi * out_sh + s_lo * out_sw)[:, None],
+             y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_act_backward_fused_kernel(
+    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr,
+    dx_ptr, dskip_ptr, sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, ticket_ptr,
+    N, C, S, W, G, CG, slope_hi, slope_lo,
+    grad_sn, grad_sc, grad_sh, grad_sw,
+    x_sn, x_sc, x_sh, x_sw,
+    skip_sn, skip_sc, skip_sh, skip_sw,
+    dx_sn, dx_sc, dx_sh, dx_sw,
+    dskip_sn, dskip_sc, dskip_sh, dskip_sw,
+    gate_sc, weight_sc, bias_sc,
+    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr, CG_EXACT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr,
+    NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALAR_GATE: tl.constexpr,
+    GP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PC: tl.constexpr,
+):
+    """Single-pass backward: dx (= d_up), d_skip, then dγ, dβ and the gate's gradient.
+
+    Grid (N · G/GP,) as the forward. Pointers: grad, x, skip (read), dx, dskip (written); gate /
+    weight / bias vectors; mean / rstd [N, G] from the forward; sums [2, N, C] (Σ dz, Σ dz·x̂ per
+    (n, c)) and pgate [N, C] (Σ dh·skip) partials; dweight, dbias, dgate outputs; an int32 ticket.
+    Each program writes its rows of partials and draws a ticket; the program with the last ticket
+    sums the partials in a fixed order (``_sum_param_partials``: deterministic, in the same launch)
+    and resets the ticket to 0."""
+    n, g0, s, c, c_mask, mask = _group_tile_program(S, G, CG, GP, BLOCK_S, BLOCK_CG, CG_EXACT, INT64)
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+    gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64,
+                           GP * BLOCK_CG)
+    gi = n * G + g0 + tl.arange(0, GP)
+    mu = _to_channels(tl.load(mean_ptr + gi), GP, BLOCK_CG)
+    r = _to_channels(tl.load(rstd_ptr + gi), GP, BLOCK_CG)
+    if MERGED_HW:
+        s_hi = s * 0
+        s_lo = s
+    else:
+        s_hi = s // W
+        s_lo = s % W
+    h = tl.load(x_ptr + n * x_sn + c[None, :] * x_sc + (s_hi * x_sh + s_lo * x_sw)[:, None],
+                mask=mask, other=0.0).to(acc_ty)
+    if HAS_SKIP:
+        a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
+        k = tl.load(skip_ptr + n * skip_sn + c[None, :] * skip_sc + (s_hi * skip_sh + s_lo * skip_sw)[:, None],
+                    mask=mask, other=0.0)  # kept in its own dtype (half the registers for fp16/bf16)
+        h += a[None, :] * k.to(acc_ty)
+    xhat = (h - mu[None, :]) * r[None, :]
+    if NEED_DGATE:  # the k-only sums first, so that k is live only until Σ dz·k
+        sum_k = tl.sum(k.to(acc_ty), axis=0)
+        sum_xk = tl.sum(xhat * k.to(acc_ty), axis=0)
+    dy = tl.load(grad_ptr + n * grad_sn + c[None, :] * grad_sc + (s_hi * grad_sh + s_lo * grad_sw)[:, None],
+                 mask=mask, other=0.0).to(acc_ty)
+    dz = dy * activation_grad(xhat * gam[None, :] + bet[None, :], ACT, slope)  # masked lanes: dy = 0
+    sum_dz = tl.sum(dz, axis=0)
+    sum_dzx = tl.sum(dz * xhat, axis=0)
+    if NEED_DGATE:
+        # Σ dh·skip = rstd·(γ·Σ dz·k − m1·Σ k − m2·Σ x̂·k), summed while k is live: the tile of k
+        # dies here, leaving two live fp32 tiles (x̂, dz) for the rest of the program.
+        sum_dzk = tl.sum(dz * k.to(acc_ty), axis=0)
+    if NEED_DWEIGHT or NEED_DBIAS:
+        tl.store(sums_ptr + n * C + c, sum_dz, mask=c_mask)
+        tl.store(sums_ptr + N * C + n * C + c, sum_dzx, mask=c_mask)
+    count = tl.cast(CG, acc_ty) * tl.cast(S, acc_ty)
+    m1 = _to_channels(_per_group(gam * sum_dz, GP, BLOCK_CG) / count, GP, BLOCK_CG)
+    m2 = _to_channels(_per_group(gam * sum_dzx, GP, BLOCK_CG) / count, GP, BLOCK_CG)
+    if NEED_DGATE:
+        tl.store(pgate_ptr + n * C + c, r * (gam * sum_dzk - m1 * sum_k - m2 * sum_xk), mask=c_mask)
+    dh = r[None, :] * (gam[None, :] * dz - m1[None, :] - xhat * m2[None, :])
+    if NEED_DX:
+        tl.store(dx_ptr + n * dx_sn + c[None, :] * dx_sc + (s_hi * dx_sh + s_lo * dx_sw)[:, None],
+                 dh.to(dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_DSKIP:
+        tl.store(dskip_ptr + n * dskip_sn + c[None, :] * dskip_sc + (s_hi * dskip_sh + s_lo * dskip_sw)[:, None],
+                 (a[None, :] * dh).to(dskip_ptr.dtype.element_ty), mask=mask)
+    if NEED_DWEIGHT or NEED_DBIAS or NEED_DGATE:
+        ticket = tl.atomic_add(ticket_ptr, 1)  # acq_rel: every program's partials are visible to the last
+        if ticket == tl.num_programs(0) - 1:
+            _sum_param_partials(sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, C, N, N, 0, BLOCK_PC,
+                                NEED_DWEIGHT, NEED_DBIAS, NEED_DGATE, SCALAR_GATE, ACC_FP64, BLOCK_R, BLOCK_PC)
+            tl.store(ticket_ptr, 0)
+
+
+@triton.jit
+def _sum_param_partials(sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, C, SUM_ROWS, GATE_ROWS,
+                        c_first, c_step, NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr,
+                        NEED_DGATE: tl.constexpr, SCALAR_GATE: tl.constexpr, ACC_FP64: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dβ, dγ and the gate's gradient from the backward's partials, summed over rows in a fixed
+    order (deterministic), for the channel blocks from c_first in steps of c_step (all of them,
+    and a single-value gate's sum over channels, when one program runs it). Pointers: sums
+    [2, SUM_ROWS, C] (Σ dz, Σ dz·x̂), pgate [GATE_ROWS, C] (Σ dh·skip) in; dweight, dbias (C
+    values, contiguous, the parameters' dtype) and dgate (C values or one) out."""
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    gate_total = tl.zeros([BLOCK_C], dtype=acc_ty)
+    for c0 in range(c_first, C, c_step):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        if NEED_DWEIGHT or NEED_DBIAS:
+            acc_db = tl.zeros([BLOCK_C], dtype=acc_ty)
+            acc_dw = tl.zeros([BLOCK_C], dtype=acc_ty)
+            for r0 in range(0, SUM_ROWS, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                m = (rows < SUM_ROWS)[:, None] & c_mask[None, :]
+                off = rows[:, None] * C + c[None, :]
+                if NEED_DBIAS:
+                    acc_db += tl.sum(tl.load(sums_ptr + off, mask=m, other=0.0), axis=0)
+                if NEED_DWEIGHT:
+                    acc_dw += tl.sum(tl.load(sums_ptr + SUM_ROWS * C + off, mask=m, other=0.0), axis=0)
+            if NEED_DBIAS:
+                tl.store(dbias_ptr + c, acc_db.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+            if NEED_DWEIGHT:
+                tl.store(dweight_ptr + c, acc_dw.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+        if NEED_DGATE:
+            acc_gate = tl.zeros([BLOCK_C], dtype=acc_ty)
+            for r0 in range(0, GATE_ROWS, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                m = (rows < GATE_ROWS)[:, None] & c_mask[None, :]
+                acc_gate += tl.sum(tl.load(pgate_ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0), axis=0)
+            if SCALAR_GATE:
+                gate_total += acc_gate
+            else:
+                tl.store(dgate_ptr + c, acc_gate.to(dgate_ptr.dtype.element_ty), mask=c_mask)
+    if NEED_DGATE and SCALAR_GATE:
+        tl.store(dgate_ptr, tl.sum(gate_total, axis=0).to(dgate_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _group_norm_act_param_grad_kernel(
+    sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr,
+    C, SUM_ROWS, GATE_ROWS,
+    NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DGATE: tl.constexpr, SCALAR_GATE: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The split backward's dβ, dγ and gate gradient (``_sum_param_partials``). Grid (programs,):
+    program p sums channel blocks p, p + programs, … (one program for a single-value gate).
+    Pointers: sums [2, SUM_ROWS, C], pgate [GATE_ROWS, C] in; dweight, dbias, dgate out."""
+    pid = tl.program_id(0)
+    _sum_param_partials(sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, C, SUM_ROWS, GATE_ROWS,
+                        pid * BLOCK_C, tl.num_programs(0) * BLOCK_C, NEED_DWEIGHT, NEED_DBIAS, NEED_DGATE,
+                        SCALAR_GATE, ACC_FP64, BLOCK_R, BLOCK_C)
+
+
+# --------------------------------------------------------------------------------------------
+# Split design: forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _group_norm_act_stats_kernel(
     x_ptr, skip_ptr, gate_ptr, pmean_ptr, pm2_ptr,
     C, S, W, num_chunks, S_PER_PROG,
     x_sn, x_sc, x_sh, x_sw,
-    k_sn, k_sc, k_sh, k_sw,
+    skip_sn, skip_sc, skip_sh, skip_sw,
     gate_sc,
     HAS_SKIP: tl.constexpr, MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Split forward, pass 1: per-channel (mean, M2) of h = x [+ a·skip] over one S-chunk.
+
+    Grid (N · chunks, C-blocks) (``chunk_program``). Pointers: x, skip (read), gate vector;
+    pmean / pm2 [N · chunks, C] partial outputs (the count of a chunk is implied by its size)."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
     x_base = n * x_sn + c[None, :] * x_sc
-    k_base = n * k_sn + c[None, :] * k_sc
+    skip_base = n * skip_sn + c[None, :] * skip_sc
 
     # Per-lane Welford (each lane sees one element per step; masked lanes do not count), then a
     # Chan merge across the S lanes: exact for any |mean| / std, no E[x²] − E[x]². A lane valid
@@ -116,7 +390,8 @@ def _group_norm_act_stats_kernel(
             s_lo = s % W
         h = tl.load(x_ptr + x_base + (s_hi * x_sh + s_lo * x_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
         if HAS_SKIP:
-            k = tl.load(skip_ptr + k_base + (s_hi * k_sh + s_lo * k_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
+            k = tl.load(skip_ptr + skip_base + (s_hi * skip_sh + s_lo * skip_sw)[:, None],
+                        mask=mask, other=0.0).to(acc_ty)
             h += a[None, :] * k
         cnt += tl.where(mask, 1.0, 0.0)
         delta = h - mean
@@ -133,6 +408,9 @@ def _group_norm_stats_finalize_kernel(
     C, G, CG, S, num_chunks, S_PER_PROG, eps_hi, eps_lo,
     ACC_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
+    """Split forward, pass 2: Chan-merges the chunks × C/G partials of one group → mean, rstd.
+
+    Grid (N · G,). Pointers: pmean / pm2 [N · chunks, C] in; mean / rstd [N, G] out."""
     pid = tl.program_id(0)  # = n · G + g
     n = pid // G
     g = pid % G
@@ -190,23 +468,27 @@ def _group_stats(stat_ptr, n, G, c, c_mask, CG):
 @autotune(configs=tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP"], fixed=FIXED_TILE)
 @triton.jit
 def _group_norm_act_apply_kernel(
-    x_ptr, skip_ptr, gate_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr,
+    x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, out_ptr,
     C, S, W, G, CG, slope_hi, slope_lo,
     x_sn, x_sc, x_sh, x_sw,
-    k_sn, k_sc, k_sh, k_sw,
-    y_sn, y_sc, y_sh, y_sw,
-    gate_sc, w_sc, b_sc,
+    skip_sn, skip_sc, skip_sh, skip_sw,
+    out_sn, out_sc, out_sh, out_sw,
+    gate_sc, weight_sc, bias_sc,
     HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Split forward, pass 3: y = act((h − μ)·rstd·γ + β) for one tile, h = x [+ a·skip].
+
+    Grid (N · S-tiles, C-tiles) (``tile_program``), autotuned tile. Pointers: x, skip (read),
+    y (written); gate / w / b vectors; mean / rstd [N, G] from pass 2."""
     n, s, c, c_mask, mask = tile_program(S, C, BLOCK_S, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
 
     mu = _group_stats(mean_ptr, n, G, c, c_mask, CG)
     r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
-    gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+    gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
 
     if MERGED_HW:
         s_hi = s * 0
@@ -218,43 +500,47 @@ def _group_norm_act_apply_kernel(
                 mask=mask, other=0.0).to(acc_ty)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
-        k = tl.load(skip_ptr + n * k_sn + c[None, :] * k_sc + (s_hi * k_sh + s_lo * k_sw)[:, None],
+        k = tl.load(skip_ptr + n * skip_sn + c[None, :] * skip_sc + (s_hi * skip_sh + s_lo * skip_sw)[:, None],
                     mask=mask, other=0.0).to(acc_ty)
         h += a[None, :] * k
     # The same z formula as the backward recomputation, so act'(z) matches the forward exactly.
     xhat = (h - mu[None, :]) * r[None, :]
     z = xhat * gam[None, :] + bet[None, :]
     y = activation(z, ACT, slope)
-    tl.store(y_ptr + n * y_sn + c[None, :] * y_sc + (s_hi * y_sh + s_lo * y_sw)[:, None],
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + n * out_sn + c[None, :] * out_sc + (s_hi * out_sh + s_lo * out_sw)[:, None],
+             y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
-# Backward
+# Split design: backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _group_norm_act_backward_reduce_kernel(
-    dy_ptr, x_ptr, skip_ptr, gate_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, psum_dz_ptr, psum_dzx_ptr,
+    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, psum_dz_ptr, psum_dzx_ptr,
     C, S, W, G, CG, num_chunks, S_PER_PROG, slope_hi, slope_lo,
-    dy_sn, dy_sc, dy_sh, dy_sw,
+    grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
-    k_sn, k_sc, k_sh, k_sw,
-    gate_sc, w_sc, b_sc,
+    skip_sn, skip_sc, skip_sh, skip_sw,
+    gate_sc, weight_sc, bias_sc,
     HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Split backward, pass 1: per-channel Σ dz and Σ dz·x̂ over one S-chunk (dz = dy·act'(z)).
+
+    Grid (N · chunks, C-blocks). Pointers: dy, x, skip (read); gate / w / b vectors; mean / rstd
+    [N, G]; psum_dz / psum_dzx [N · chunks, C] partial outputs."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
     mu = _group_stats(mean_ptr, n, G, c, c_mask, CG)
     r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
-    gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+    gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
     x_base = n * x_sn + c[None, :] * x_sc
-    k_base = n * k_sn + c[None, :] * k_sc
-    dy_base = n * dy_sn + c[None, :] * dy_sc
+    skip_base = n * skip_sn + c[None, :] * skip_sc
+    grad_base = n * grad_sn + c[None, :] * grad_sc
 
     acc_dz = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     acc_dzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
@@ -269,9 +555,10 @@ def _group_norm_act_backward_reduce_kernel(
             s_lo = s % W
         h = tl.load(x_ptr + x_base + (s_hi * x_sh + s_lo * x_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
         if HAS_SKIP:
-            k = tl.load(skip_ptr + k_base + (s_hi * k_sh + s_lo * k_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
+            k = tl.load(skip_ptr + skip_base + (s_hi * skip_sh + s_lo * skip_sw)[:, None],
+                        mask=mask, other=0.0).to(acc_ty)
             h += a[None, :] * k
-        dy = tl.load(dy_ptr + dy_base + (s_hi * dy_sh + s_lo * dy_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
+        dy = tl.load(grad_ptr + grad_base + (s_hi * grad_sh + s_lo * grad_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
         xhat = (h - mu[None, :]) * r[None, :]
         z = xhat * gam[None, :] + bet[None, :]
         dz = dy * activation_grad(z, ACT, slope)  # masked lanes: dy = 0
@@ -283,10 +570,15 @@ def _group_norm_act_backward_reduce_kernel(
 
 @triton.jit
 def _group_norm_act_backward_finalize_kernel(
-    psum_dz_ptr, psum_dzx_ptr, w_ptr, sums_ptr, m1_ptr, m2_ptr,
-    N, C, G, CG, S, num_chunks, w_sc,
+    psum_dz_ptr, psum_dzx_ptr, weight_ptr, sums_ptr, m1_ptr, m2_ptr,
+    N, C, G, CG, S, num_chunks, weight_sc,
     HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
+    """Split backward, pass 2: per-(n, c) Σ dz, Σ dz·x̂ (for dβ, dγ) and the group means
+    m1 = mean(γ·dz), m2 = mean(γ·dz·x̂) of one group.
+
+    Grid (N · G,). Pointers: psum_dz / psum_dzx [N · chunks, C] in; w vector; sums [2, N, C],
+    m1 / m2 [N, G] out."""
     pid = tl.program_id(0)  # = n · G + g
     n = pid // G
     g = pid % G
@@ -305,11 +597,11 @@ def _group_norm_act_backward_finalize_kernel(
             off = (n * num_chunks + k)[:, None] * C + ch[None, :]
             sum_dz += tl.sum(tl.load(psum_dz_ptr + off, mask=mask, other=0.0), axis=0)
             sum_dzx += tl.sum(tl.load(psum_dzx_ptr + off, mask=mask, other=0.0), axis=0)
-        # Per-(n, c) sums; the host sums them over N into dβ (row 0) and dγ (row 1).
+        # Per-(n, c) sums; _group_norm_act_param_grad_kernel sums them over N into dβ (row 0), dγ (row 1).
         tl.store(sums_ptr + n * C + ch, sum_dz, mask=cm)
         tl.store(sums_ptr + N * C + n * C + ch, sum_dzx, mask=cm)
         if HAS_WEIGHT:
-            gam = tl.load(w_ptr + ch * w_sc, mask=cm, other=0.0).to(acc_ty)
+            gam = tl.load(weight_ptr + ch * weight_sc, mask=cm, other=0.0).to(acc_ty)
             grp_dz += gam * sum_dz  # Σ_group g = Σ_c γ_c Σ dz
             grp_dzx += gam * sum_dzx  # Σ_group g·x̂ = Σ_c γ_c Σ dz·x̂
         else:
@@ -322,20 +614,25 @@ def _group_norm_act_backward_finalize_kernel(
 
 @triton.jit
 def _group_norm_act_backward_dx_kernel(
-    dy_ptr, x_ptr, skip_ptr, gate_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, m1_ptr, m2_ptr,
+    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, m1_ptr, m2_ptr,
     dx_ptr, dskip_ptr, pgate_ptr,
     C, S, W, G, CG, num_chunks, S_PER_PROG, slope_hi, slope_lo,
-    dy_sn, dy_sc, dy_sh, dy_sw,
+    grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
-    k_sn, k_sc, k_sh, k_sw,
+    skip_sn, skip_sc, skip_sh, skip_sw,
     dx_sn, dx_sc, dx_sh, dx_sw,
-    dk_sn, dk_sc, dk_sh, dk_sw,
-    gate_sc, w_sc, b_sc,
+    dskip_sn, dskip_sc, dskip_sh, dskip_sw,
+    gate_sc, weight_sc, bias_sc,
     HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Split backward, pass 3: dh = rstd·(γ·dz − m1 − x̂·m2) → dx, d_skip = a·dh, and per-chunk
+    partials of the gate's gradient Σ dh·skip.
+
+    Grid (N · chunks, C-blocks). Pointers: dy, x, skip (read), dx, dskip (written); gate / w / b
+    vectors; mean / rstd / m1 / m2 [N, G]; pgate [N · chunks, C] partial output."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
@@ -343,14 +640,14 @@ def _group_norm_act_backward_dx_kernel(
     r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
     m1 = _group_stats(m1_ptr, n, G, c, c_mask, CG)
     m2 = _group_stats(m2_ptr, n, G, c, c_mask, CG)
-    gam, bet = load_affine(w_ptr, b_ptr, c, c_mask, w_sc, b_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+    gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
     x_base = n * x_sn + c[None, :] * x_sc
-    k_base = n * k_sn + c[None, :] * k_sc
-    dy_base = n * dy_sn + c[None, :] * dy_sc
+    skip_base = n * skip_sn + c[None, :] * skip_sc
+    grad_base = n * grad_sn + c[None, :] * grad_sc
     dx_base = n * dx_sn + c[None, :] * dx_sc
-    dk_base = n * dk_sn + c[None, :] * dk_sc
+    dskip_base = n * dskip_sn + c[None, :] * dskip_sc
 
     acc_gate = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     for i in range(0, S_PER_PROG, BLOCK_S):
@@ -364,9 +661,10 @@ def _group_norm_act_backward_dx_kernel(
             s_lo = s % W
         h = tl.load(x_ptr + x_base + (s_hi * x_sh + s_lo * x_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
         if HAS_SKIP:
-            k = tl.load(skip_ptr + k_base + (s_hi * k_sh + s_lo * k_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
+            k = tl.load(skip_ptr + skip_base + (s_hi * skip_sh + s_lo * skip_sw)[:, None],
+                        mask=mask, other=0.0).to(acc_ty)
             h += a[None, :] * k
-        dy = tl.load(dy_ptr + dy_base + (s_hi * dy_sh + s_lo * dy_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
+        dy = tl.load(grad_ptr + grad_base + (s_hi * grad_sh + s_lo * grad_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
         xhat = (h - mu[None, :]) * r[None, :]
         z = xhat * gam[None, :] + bet[None, :]
         dz = dy * activation_grad(z, ACT, slope)
@@ -375,7 +673,7 @@ def _group_norm_act_backward_dx_kernel(
             tl.store(dx_ptr + dx_base + (s_hi * dx_sh + s_lo * dx_sw)[:, None],
                      dh.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DSKIP:
-            tl.store(dskip_ptr + dk_base + (s_hi * dk_sh + s_lo * dk_sw)[:, None],
+            tl.store(dskip_ptr + dskip_base + (s_hi * dskip_sh + s_lo * dskip_sw)[:, None],
                      (a[None, :] * dh).to(dskip_ptr.dtype.element_ty), mask=mask)
         if NEED_DGATE:
             acc_gate += dh * k  # masked lanes: k = 0
@@ -386,21 +684,111 @@ def _group_norm_act_backward_dx_kernel(
 # --------------------------------------------------------------------------------------------
 # Host-side launchers (no validation: fusedskip.ops.group_norm_act does that before any launch)
 # --------------------------------------------------------------------------------------------
+class GroupTile(NamedTuple):
+    """Single-pass tile: a [block_s, gp·block_cg] register tile per program on the grid
+    (N · G/gp,): gp whole groups of ``block_cg`` (≥ C/G) channels × ``block_s`` (≥ S) positions."""
+    block_s: int
+    block_cg: int
+    gp: int
+    num_warps: int
+
+
+def single_pass_tile(x: torch.Tensor, num_groups: int, backward: bool = False) -> Optional[GroupTile]:
+    """The single-pass tile for ``x`` [N, C, H, W] with ``num_groups`` groups, or None when the
+    split design runs (the rule of the module docstring: the tile fits, and the grid fills the
+    device or the groups are small). On channels_last, up to 16 channels (≥ 32 contiguous bytes in
+    bf16) of GP groups share a program while GP divides G, the tile fits and the grid stays full.
+    The backward's limit is ``SINGLE_PASS_BWD_MAX_ELEMS`` (two live fp32 tiles, x̂ and dz)."""
+    limit = min(SINGLE_PASS_MAX_ELEMS, SINGLE_PASS_BWD_MAX_ELEMS) if backward else SINGLE_PASS_MAX_ELEMS
+    n, c, h, w = x.shape
+    block_s = launch.next_power_of_2(h * w)
+    block_cg = launch.next_power_of_2(c // num_groups)
+    elems = block_s * block_cg
+    if elems > limit:
+        return None
+    sms = max(launch.target_programs(x) // 4, 1)  # target_programs is a few waves of SMs
+
+    def ok(gp: int) -> bool:
+        tile = elems * gp
+        return (num_groups % gp == 0 and tile <= limit
+                and (tile <= SMALL_GROUP_ELEMS or n * num_groups // gp >= sms))
+
+    if not ok(1):
+        return None
+    gp = 1
+    while channels_inner(x) and 2 * gp * block_cg <= 16 and ok(2 * gp):
+        gp *= 2
+    per_warp = 32 * SINGLE_PASS_ELEMS_PER_THREAD
+    num_warps = min(MAX_WARPS, max(4, launch.next_power_of_2(elems * gp // per_warp)))
+    return GroupTile(block_s, block_cg, gp, num_warps)
+
+
 def reduce_plan(t: torch.Tensor) -> launch.ReducePlan:
-    """Tile and S-split of the reduction passes for a [N, C, H, W] tensor (``launch.reduce_plan``
-    with tiles of ~REDUCE_TILE elements): ``chunks > 1`` is the split reduction for small N·G."""
+    """Tile and S-split of the split design's reduction passes for a [N, C, H, W] tensor (the
+    shared ``launch.reduce_plan`` with tiles of ~REDUCE_TILE elements): ``chunks > 1`` splits S."""
     return launch.reduce_plan(t, launch.target_programs(t), REDUCE_TILE)
+
+
+_FORWARD_PLANS = PlanCache("group_norm_act_forward")
+_BACKWARD_PLANS = PlanCache("group_norm_act_backward")
+
+
+def _state_key() -> tuple:
+    """The module state that plans depend on (tests and tests/compile_recorder.py patch it)."""
+    return (needs_int64, launch.target_programs, SINGLE_PASS_MAX_ELEMS, SINGLE_PASS_BWD_MAX_ELEMS,
+            SMALL_GROUP_ELEMS, SINGLE_PASS_ELEMS_PER_THREAD, MAX_WARPS, REDUCE_TILE)
+
+
+class _Plans(NamedTuple):
+    """The launches of one call: ``single`` (the single-pass launch) or ``split`` (the split
+    design's three), ``params`` (the split backward's dγ/dβ/gate sums, or None) and ``rows`` (rows
+    of the partial buffers, N · chunks; N for the single pass)."""
+    single: Optional[Plan]
+    split: Tuple[Plan, ...]
+    params: Optional[Plan]
+    rows: int
+
+
+def _single_meta(tile: GroupTile, cg: int, flags: dict) -> dict:
+    return dict(flags, CG_EXACT=tile.block_cg == cg, GP=tile.gp, BLOCK_S=tile.block_s, BLOCK_CG=tile.block_cg,
+                num_warps=tile.num_warps)
+
+
+def _forward_plans(x, y, weight, bias, skip, gate, g: int, eps: float, act_id: int, slope: float) -> _Plans:
+    n, c, hh, ww = x.shape
+    s = hh * ww
+    tensors = [x, y] + ([skip] if skip is not None else [])
+    merged = all_spatial_mergeable(tensors)
+    flags = dict(HAS_SKIP=skip is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_id,
+                 MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=x.dtype == torch.float64)
+    vectors = (vector_stride(gate), vector_stride(weight), vector_stride(bias))
+    strides = (*kernel_strides(x, merged), *kernel_strides(skip, merged), *kernel_strides(y, merged))
+    tile = single_pass_tile(x, g)
+    if tile is not None:
+        args = (s, ww, g, c // g, *split_fp64(eps), *split_fp64(slope), *strides, *vectors)
+        return _Plans(Plan((n * g // tile.gp,), args, _single_meta(tile, c // g, flags)), (), None, n)
+    rp = reduce_plan(x)
+    block_k, block_cg = finalize_blocks(rp.chunks, c // g)
+    stats = Plan((rp.rows, rp.c_blocks), (c, s, ww, rp.chunks, rp.s_per_chunk, *strides[:8], vectors[0]),
+                 dict(HAS_SKIP=skip is not None, MERGED_HW=merged, INT64=flags["INT64"], ACC_FP64=flags["ACC_FP64"],
+                      BLOCK_S=rp.block_s, BLOCK_C=rp.block_c, num_warps=rp.num_warps))
+    finalize = Plan((n * g,), (c, g, c // g, s, rp.chunks, rp.s_per_chunk, *split_fp64(eps)),
+                    dict(ACC_FP64=flags["ACC_FP64"], BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=4))
+    apply = Plan(tile_grid(n, s, c), (c, s, ww, g, c // g, *split_fp64(slope), *strides, *vectors),
+                 dict(flags, CHANNELS_INNER=channels_inner(x)))
+    return _Plans(None, (stats, finalize, apply), None, rp.rows)
 
 
 def group_norm_act_forward(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
-    num_groups: int, eps: float, act_id: int, slope: float,
+    num_groups: int, eps: float, act_id: int, slope: float, launcher=launch.launch,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)``: y = act(GN(h)) in x's dtype and layout, h = x (+ gate ⊙ skip);
-    mean/rstd [N, G] in fp32 (fp64 for fp64 x). ``gate``: 1 or C values in that dtype."""
-    n, c, hh, ww = x.shape
-    s = hh * ww
+    mean/rstd [N, G] in fp32 (fp64 for fp64 x). ``gate``: 1 or C values in that dtype.
+    ``launcher``: ``launch.launch`` (eager: plans cached per signature) or ``launch.traced_launch``
+    (a triton_op body under torch.compile: plans built afresh)."""
+    n, c = x.shape[:2]
     g = num_groups
     acc = acc_dtype(x)
     y = empty_like_layout(x)
@@ -408,43 +796,83 @@ def group_norm_act_forward(
         mean = torch.zeros((n, g), dtype=acc, device=x.device)
         rstd = torch.full((n, g), 1.0 / float(np.sqrt(eps)) if eps > 0 else float("inf"), dtype=acc, device=x.device)
         return y, mean, rstd
-    has_skip = skip is not None
-    skip_arg = skip if has_skip else x
-    gate_arg = gate if has_skip else x
-    tensors = [x, y] + ([skip] if has_skip else [])
-    merged = all_spatial_mergeable(tensors)
-    int64 = needs_int64(*tensors)
-    acc_fp64 = acc == torch.float64
-    plan = reduce_plan(x)
-    pmean = torch.empty((n * plan.chunks, c), dtype=acc, device=x.device)
-    pm2 = torch.empty((n * plan.chunks, c), dtype=acc, device=x.device)
+    build = (x, y, weight, bias, skip, gate, g, eps, act_id, slope)
+    if launcher is launch.launch:
+        key = (signature(x, weight, bias, skip, gate), g, eps, act_id, slope, _state_key())
+        plans = _FORWARD_PLANS.get(key, _forward_plans, *build)
+    else:
+        plans = _forward_plans(*build)
     mean = torch.empty((n, g), dtype=acc, device=x.device)
     rstd = torch.empty((n, g), dtype=acc, device=x.device)
-    block_k, block_cg = finalize_blocks(plan.chunks, c // g)
+    # Absent tensors: the statistics stand in (never read: their loads sit behind constexpr flags).
+    k, a, w, b = (t if t is not None else mean for t in (skip, gate if skip is not None else None, weight, bias))
     with device_guard(x):
-        _group_norm_act_stats_kernel[(n * plan.chunks, plan.c_blocks)](
-            x, skip_arg, gate_arg, pmean, pm2,
-            c, s, ww, plan.chunks, plan.s_per_chunk,
-            *kernel_strides(x, merged), *kernel_strides(skip_arg, merged), vector_stride(gate),
-            HAS_SKIP=has_skip, MERGED_HW=merged, INT64=int64, ACC_FP64=acc_fp64,
-            BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=4,
-        )
-        _group_norm_stats_finalize_kernel[(n * g,)](
-            pmean, pm2, mean, rstd,
-            c, g, c // g, s, plan.chunks, plan.s_per_chunk, *split_fp64(eps),
-            ACC_FP64=acc_fp64, BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=4,
-        )
-        _group_norm_act_apply_kernel[tile_grid(n, s, c)](
-            x, skip_arg, gate_arg,
-            weight if weight is not None else x, bias if bias is not None else x,
-            mean, rstd, y,
-            c, s, ww, g, c // g, *split_fp64(slope),
-            *kernel_strides(x, merged), *kernel_strides(skip_arg, merged), *kernel_strides(y, merged),
-            vector_stride(gate), vector_stride(weight), vector_stride(bias),
-            HAS_SKIP=has_skip, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_id,
-            MERGED_HW=merged, CHANNELS_INNER=channels_inner(x), INT64=int64, ACC_FP64=acc_fp64,
-        )
+        if plans.single is not None:
+            launcher(_group_norm_act_fused_kernel, plans.single, x, k, a, w, b, y, mean, rstd)
+        else:
+            pmean = torch.empty((plans.rows, c), dtype=acc, device=x.device)
+            pm2 = torch.empty((plans.rows, c), dtype=acc, device=x.device)
+            stats, finalize, apply = plans.split
+            launcher(_group_norm_act_stats_kernel, stats, x, k, a, pmean, pm2)
+            launcher(_group_norm_stats_finalize_kernel, finalize, pmean, pm2, mean, rstd)
+            launcher(_group_norm_act_apply_kernel, apply, x, k, a, w, b, mean, rstd, y)
     return y, mean, rstd
+
+
+class _Need(NamedTuple):
+    """Which gradients the backward computes (after dropping those of absent inputs)."""
+    dx: bool
+    dskip: bool
+    dgate: bool
+    dweight: bool
+    dbias: bool
+
+
+def _backward_plans(grad, x, weight, bias, skip, gate, g: int, act_id: int, slope: float, need: _Need) -> _Plans:
+    n, c, hh, ww = x.shape
+    s = hh * ww
+    # dx and dskip as empty_like_layout will allocate them (their strides, no storage).
+    dx_like = torch.empty_like(x, device="meta", memory_format=torch.preserve_format) if need.dx else None
+    dskip_like = torch.empty_like(skip, device="meta", memory_format=torch.preserve_format) if need.dskip else None
+    tensors = [t for t in (grad, x, skip, dx_like, dskip_like) if t is not None]
+    merged = all_spatial_mergeable(tensors)
+    flags = dict(HAS_SKIP=skip is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_id,
+                 MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=x.dtype == torch.float64)
+    need_flags = dict(NEED_DX=need.dx, NEED_DSKIP=need.dskip, NEED_DGATE=need.dgate)
+    vectors = (vector_stride(gate), vector_stride(weight), vector_stride(bias))
+    strides = (*kernel_strides(grad, merged), *kernel_strides(x, merged), *kernel_strides(skip, merged))
+    out_strides = (*kernel_strides(dx_like, merged), *kernel_strides(dskip_like, merged))
+    tile = single_pass_tile(x, g, backward=True)
+    if tile is not None:  # the parameter sums run in the same launch (its last program)
+        args = (n, c, s, ww, g, c // g, *split_fp64(slope), *strides, *out_strides, *vectors)
+        block_r, block_pc = finalize_blocks(n, c)
+        meta = _single_meta(tile, c // g, dict(flags, **need_flags, NEED_DWEIGHT=need.dweight, NEED_DBIAS=need.dbias,
+                                               SCALAR_GATE=need.dgate and gate.numel() == 1,
+                                               BLOCK_R=block_r, BLOCK_PC=block_pc))
+        return _Plans(Plan((n * g // tile.gp,), args, meta), (), None, n)
+    rp = reduce_plan(x)
+    block_k, block_cg = finalize_blocks(rp.chunks, c // g)
+    tiles = dict(BLOCK_S=rp.block_s, BLOCK_C=rp.block_c, num_warps=rp.num_warps)
+    chunked = (c, s, ww, g, c // g, rp.chunks, rp.s_per_chunk, *split_fp64(slope), *strides)
+    reduce = Plan((rp.rows, rp.c_blocks), (*chunked, *vectors), dict(flags, **tiles))
+    finalize = Plan((n * g,), (n, c, g, c // g, s, rp.chunks, vectors[1]),
+                    dict(HAS_WEIGHT=weight is not None, ACC_FP64=flags["ACC_FP64"], BLOCK_K=block_k,
+                         BLOCK_CG=block_cg, num_warps=4))
+    dx = Plan((rp.rows, rp.c_blocks), (*chunked, *out_strides, *vectors), dict(flags, **need_flags, **tiles))
+    return _Plans(None, (reduce, finalize, dx), _param_plan(c, n, rp.rows, need, gate, flags), rp.rows)
+
+
+def _param_plan(c: int, n: int, rows: int, need: _Need, gate, flags: dict) -> Optional[Plan]:
+    """The launch of ``_group_norm_act_param_grad_kernel``: one program for a single-value gate,
+    else one per channel block; None when no parameter or gate gradient is asked for."""
+    if not (need.dweight or need.dbias or need.dgate):
+        return None
+    block_r, block_c = finalize_blocks(max(rows, n), c)
+    scalar_gate = need.dgate and gate.numel() == 1
+    programs = 1 if scalar_gate else cdiv(c, block_c)
+    return Plan((programs,), (c, n, rows),
+                dict(NEED_DWEIGHT=need.dweight, NEED_DBIAS=need.dbias, NEED_DGATE=need.dgate, SCALAR_GATE=scalar_gate,
+                     ACC_FP64=flags["ACC_FP64"], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4))
 
 
 def group_norm_act_backward(
@@ -452,85 +880,68 @@ def group_norm_act_backward(
     skip: Optional[torch.Tensor], gate: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
     num_groups: int, act_id: int, slope: float,
     need_dx: bool, need_dskip: bool, need_dgate: bool, need_dweight: bool, need_dbias: bool,
+    launcher=launch.launch,
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """``(dx, dskip, dgate, dweight, dbias)``; ``None`` for gradients not asked for.
 
     dx (= d_up) and dskip have x's / skip's layout and dtype, dgate the gate's shape and dtype,
-    dweight / dbias the parameters' dtype. ``grad`` may have any strides (expanded, sliced).
+    dweight / dbias the parameters' shape and dtype. ``grad`` may have any strides (expanded,
+    sliced). ``launcher`` as for :func:`group_norm_act_forward`.
     """
     has_skip = skip is not None
-    need_dskip = need_dskip and has_skip
-    need_dgate = need_dgate and has_skip
-    need_dweight = need_dweight and weight is not None
-    need_dbias = need_dbias and bias is not None
-    n, c, hh, ww = x.shape
-    s = hh * ww
-    g = num_groups
-    acc = acc_dtype(x)
-    dx = empty_like_layout(x) if need_dx else None
-    dskip = empty_like_layout(skip) if need_dskip else None
+    need = _Need(need_dx, need_dskip and has_skip, need_dgate and has_skip,
+                 need_dweight and weight is not None, need_dbias and bias is not None)
+    dx = empty_like_layout(x) if need.dx else None
+    dskip = empty_like_layout(skip) if need.dskip else None
     if x.numel() == 0:
-        dgate = torch.zeros_like(gate) if need_dgate else None
-        dweight = torch.zeros_like(weight) if need_dweight else None
-        dbias = torch.zeros_like(bias) if need_dbias else None
-        return dx, dskip, dgate, dweight, dbias
-    if not (need_dx or need_dskip or need_dgate or need_dweight or need_dbias):
+        return (dx, dskip, torch.zeros_like(gate) if need.dgate else None,
+                torch.zeros_like(weight) if need.dweight else None, torch.zeros_like(bias) if need.dbias else None)
+    if not any(need):
         return None, None, None, None, None
+    build = (grad, x, weight, bias, skip, gate, num_groups, act_id, slope, need)
+    if launcher is launch.launch:
+        key = (signature(grad, x, weight, bias, skip, gate), num_groups, act_id, slope, need, _state_key())
+        plans = _BACKWARD_PLANS.get(key, _backward_plans, *build)
+    else:
+        plans = _backward_plans(*build)
 
-    skip_arg = skip if has_skip else x
-    gate_arg = gate if has_skip else x
-    w_arg = weight if weight is not None else x
-    b_arg = bias if bias is not None else x
-    tensors = [grad, x] + ([skip] if has_skip else []) + ([dx] if need_dx else []) + ([dskip] if need_dskip else [])
-    merged = all_spatial_mergeable(tensors)
-    int64 = needs_int64(*tensors)
-    acc_fp64 = acc == torch.float64
-    plan = reduce_plan(x)
-    slope_hi, slope_lo = split_fp64(slope)
-    common = dict(HAS_SKIP=has_skip, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_id,
-                  MERGED_HW=merged, INT64=int64, ACC_FP64=acc_fp64,
-                  BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=4)
-    psum_dz = torch.empty((n * plan.chunks, c), dtype=acc, device=x.device)
-    psum_dzx = torch.empty((n * plan.chunks, c), dtype=acc, device=x.device)
-    sums = torch.empty((2, n, c), dtype=acc, device=x.device)  # [Σ dz, Σ dz·x̂] per (n, c)
-    m1 = torch.empty((n, g), dtype=acc, device=x.device)
-    m2 = torch.empty((n, g), dtype=acc, device=x.device)
-    block_k, block_cg = finalize_blocks(plan.chunks, c // g)
-    need_dh = need_dx or need_dskip or need_dgate
-    pgate = torch.empty((n * plan.chunks, c), dtype=acc, device=x.device) if need_dgate else None
+    def new(t, needed):  # a dense gradient of a vector, written by the param-grad kernel
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device) if needed else None
 
+    dgate, dweight, dbias = new(gate, need.dgate), new(weight, need.dweight), new(bias, need.dbias)
     with device_guard(x):
-        _group_norm_act_backward_reduce_kernel[(n * plan.chunks, plan.c_blocks)](
-            grad, x, skip_arg, gate_arg, w_arg, b_arg, mean, rstd, psum_dz, psum_dzx,
-            c, s, ww, g, c // g, plan.chunks, plan.s_per_chunk, slope_hi, slope_lo,
-            *kernel_strides(grad, merged), *kernel_strides(x, merged), *kernel_strides(skip_arg, merged),
-            vector_stride(gate), vector_stride(weight), vector_stride(bias),
-            **common,
-        )
-        _group_norm_act_backward_finalize_kernel[(n * g,)](
-            psum_dz, psum_dzx, w_arg, sums, m1, m2,
-            n, c, g, c // g, s, plan.chunks, vector_stride(weight),
-            HAS_WEIGHT=weight is not None, ACC_FP64=acc_fp64, BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=4,
-        )
-        if need_dh:
-            dx_arg = dx if need_dx else x  # never written when NEED_DX is off
-            dskip_arg = dskip if need_dskip else x
-            _group_norm_act_backward_dx_kernel[(n * plan.chunks, plan.c_blocks)](
-                grad, x, skip_arg, gate_arg, w_arg, b_arg, mean, rstd, m1, m2,
-                dx_arg, dskip_arg, pgate if need_dgate else psum_dz,
-                c, s, ww, g, c // g, plan.chunks, plan.s_per_chunk, slope_hi, slope_lo,
-                *kernel_strides(grad, merged), *kernel_strides(x, merged), *kernel_strides(skip_arg, merged),
-                *kernel_strides(dx_arg, merged), *kernel_strides(dskip_arg, merged),
-                vector_stride(gate), vector_stride(weight), vector_stride(bias),
-                NEED_DX=need_dx, NEED_DSKIP=need_dskip, NEED_DGATE=need_dgate,
-                **common,
-            )
-
-    dweight = dbias = dgate = None
-    if need_dweight or need_dbias:
-        # Fixed-order host reductions over N (separate tensors: outputs must not alias).
-        dbias = sums[0].sum(dim=0).to(bias.dtype) if need_dbias else None
-        dweight = sums[1].sum(dim=0).to(weight.dtype) if need_dweight else None
-    if need_dgate:
-        dgate = gate_gradient(pgate.sum(dim=0), gate)
+        _launch_backward(plans, launcher, grad, x, weight, bias, skip, gate, mean, rstd,
+                         dx, dskip, dgate, dweight, dbias, need)
     return dx, dskip, dgate, dweight, dbias
+
+
+def _launch_backward(plans: _Plans, launcher, grad, x, weight, bias, skip, gate, mean, rstd,
+                     dx, dskip, dgate, dweight, dbias, need: _Need) -> None:
+    """The backward's launches on freshly allocated partial buffers."""
+    n, c = x.shape[:2]
+    acc = mean.dtype
+    # Absent tensors: the statistics stand in (never read nor written: constexpr flags guard them).
+    k, a, w, b, dx_, dskip_ = (t if t is not None else mean for t in (skip, gate if skip is not None else None,
+                                                                         weight, bias, dx, dskip))
+    split = plans.single is None
+    sums = (torch.empty((2, n, c), dtype=acc, device=x.device)
+            if (need.dweight or need.dbias or split) else mean)  # the split finalize always writes them
+    pgate = torch.empty((plans.rows, c), dtype=acc, device=x.device) if need.dgate else mean
+    dw_, db_, dgate_ = (t if t is not None else mean for t in (dweight, dbias, dgate))
+    if not split:
+        ticket = tickets(x.device, 1, traced=launcher is not launch.launch)
+        launcher(_group_norm_act_backward_fused_kernel, plans.single,
+                 grad, x, k, a, w, b, mean, rstd, dx_, dskip_, sums, pgate, dw_, db_, dgate_, ticket)
+    else:
+        psum_dz = torch.empty((plans.rows, c), dtype=acc, device=x.device)
+        psum_dzx = torch.empty((plans.rows, c), dtype=acc, device=x.device)
+        m1 = torch.empty_like(mean)
+        m2 = torch.empty_like(mean)
+        reduce, finalize, dx_plan = plans.split
+        launcher(_group_norm_act_backward_reduce_kernel, reduce, grad, x, k, a, w, b, mean, rstd, psum_dz, psum_dzx)
+        launcher(_group_norm_act_backward_finalize_kernel, finalize, psum_dz, psum_dzx, w, sums, m1, m2)
+        if need.dx or need.dskip or need.dgate:
+            launcher(_group_norm_act_backward_dx_kernel, dx_plan,
+                     grad, x, k, a, w, b, mean, rstd, m1, m2, dx_, dskip_, pgate)
+    if plans.params is not None:
+        launcher(_group_norm_act_param_grad_kernel, plans.params, sums, pgate, dw_, db_, dgate_)

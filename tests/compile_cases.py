@@ -125,6 +125,32 @@ def cases_group_norm() -> Cases:
         yield f"InstanceNormAct2d {dtype} affine={affine}", instance_case
 
 
+def _both_group_norm_designs(cases: Cases) -> Cases:
+    """Each GroupNorm case as the rule runs it (small shapes: the single-pass design) and again
+    with the split design forced through the rule's own threshold, so both designs' kernels are
+    compiled for every flag and activation."""
+    import contextlib
+
+    from fusedskip.kernels import group_norm_act as gn
+
+    @contextlib.contextmanager
+    def split_design():
+        saved = gn.SINGLE_PASS_MAX_ELEMS
+        gn.SINGLE_PASS_MAX_ELEMS = 0
+        try:
+            yield
+        finally:
+            gn.SINGLE_PASS_MAX_ELEMS = saved
+
+    for label, case in cases:
+        yield label, case
+
+        def split_case(case=case):
+            with split_design():
+                case()
+        yield f"{label} (split design)", split_case
+
+
 def cases_skip_norm_act() -> Cases:
     from fusedskip.ops.skip_norm_act import SkipNormAct
     shape = (2, 8, 5, 6)
@@ -223,7 +249,7 @@ def cases_conv_norm_act() -> Cases:
 
 
 DRIVERS = (("gated_skip_add / GatedSkip", cases_gated_skip),
-           ("group_norm_act / GroupNormAct / InstanceNormAct2d", cases_group_norm),
+           ("group_norm_act / GroupNormAct / InstanceNormAct2d", lambda: _both_group_norm_designs(cases_group_norm())),
            ("SkipNormAct (group, batch)", cases_skip_norm_act),
            ("batch_norm_act / BatchNormAct2d", cases_batch_norm),
            ("ConvNormAct", cases_conv_norm_act))

@@ -24,10 +24,10 @@ SHAPE = (1, 32, 4, 4)
 DESIGN = {
     "gated_skip": {"fwd": (1, {"up": 1, "skip": 1}, 3), "bwd": (1, {"dout": 1, "skip": 1}, 3)},
     # GroupNorm at SHAPE: the single-pass design (the group is on chip): fwd 1 launch at the 2-pass
-    # minimum, bwd the fused pass + the dγ/dβ/gate sums at the 3-pass minimum (5 with the skip).
-    "gn_silu": {"fwd": (1, {"x": 1}, 2), "bwd": (2, {"x": 1, "dout": 1}, 3)},
+    # minimum, bwd 1 launch (dγ, dβ, gate summed by its last program) at the 3-pass minimum (5 with skip).
+    "gn_silu": {"fwd": (1, {"x": 1}, 2), "bwd": (1, {"x": 1, "dout": 1}, 3)},
     "bn_relu": {"fwd": (2, {"x": 2}, 3), "bwd": (2, {"x": 2, "dout": 2}, 5)},
-    "skip_gn_silu": {"fwd": (1, {"up": 1, "skip": 1}, 3), "bwd": (2, {"up": 1, "skip": 1, "dout": 1}, 5)},
+    "skip_gn_silu": {"fwd": (1, {"up": 1, "skip": 1}, 3), "bwd": (1, {"up": 1, "skip": 1, "dout": 1}, 5)},
     "skip_bn_relu": {"fwd": (2, {"up": 2, "skip": 2}, 5), "bwd": (2, {"up": 2, "skip": 2, "dout": 2}, 8)},
 }
 

@@ -69,12 +69,16 @@ def _close_stat(actual, expected, spread, what):
 
 @contextlib.contextmanager
 def _gn_tile(tile):
-    previous = gn_kernels.REDUCE_TILE
+    """GroupNorm's split reduction tile; a small one also forces the split design (the fuzz's
+    small groups otherwise take the single-pass design, which tile 2048 keeps)."""
+    previous = gn_kernels.REDUCE_TILE, gn_kernels.SINGLE_PASS_MAX_ELEMS
     gn_kernels.REDUCE_TILE = tile
+    if tile < 2048:
+        gn_kernels.SINGLE_PASS_MAX_ELEMS = 0
     try:
         yield
     finally:
-        gn_kernels.REDUCE_TILE = previous
+        gn_kernels.REDUCE_TILE, gn_kernels.SINGLE_PASS_MAX_ELEMS = previous
 
 
 def _poke(x, where, value):
@@ -181,7 +185,8 @@ def test_fuzz_group_norm_act(n, cg, g, h, w, dtype, layout, magnitude, act, affi
         assert y.reshape(n, g, -1)[bad].isnan().all(), "a non-finite value must make its whole group NaN"
         return
     dy = torch.randn(shape, dtype=F64)
-    y.backward(dy.to(dtype))
+    with _gn_tile(tile):
+        y.backward(dy.to(dtype))
     yr.backward(dy.to(dtype).double())
     for got, ref, name in ((x, xr, "dx"), (skip, sr, "dskip"), (gate, ar, "dgate"), (weight, wr, "dweight"),
                            (bias, br, "dbias")):

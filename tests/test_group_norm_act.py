@@ -1,5 +1,6 @@
 """Fused GroupNorm + activation: Triton kernels vs a float64 reference (forward and every
-gradient), split/unsplit reductions, layouts, dtypes, gradcheck, opcheck, torch.compile,
+gradient), the single-pass and split designs (the rule that picks one, and both forced on the
+same inputs), split/unsplit reductions, layouts, dtypes, gradcheck, opcheck, torch.compile,
 determinism, modules and state_dicts, bad input."""
 import math
 
@@ -99,9 +100,21 @@ def make_params(c, dtype, device, affine=True):
     return w, b
 
 
+def force_path(monkeypatch, path: str) -> None:
+    """Force one design through the rule's own thresholds: ``"single"`` (every group goes single
+    pass, whatever its size or count) or ``"split"`` (none does)."""
+    if path == "single":
+        for name in ("SINGLE_PASS_MAX_ELEMS", "SINGLE_PASS_BWD_MAX_ELEMS", "SMALL_GROUP_ELEMS"):
+            monkeypatch.setattr(gna_kernels, name, 1 << 30)
+    else:
+        monkeypatch.setattr(gna_kernels, "SINGLE_PASS_MAX_ELEMS", 0)
+
+
 @pytest.fixture
 def force_split(monkeypatch):
-    """Small tiles and many target programs: every (n, g) reduction splits over several chunks."""
+    """The split design with small tiles and many target programs: every (n, g) reduction splits
+    over several chunks."""
+    force_path(monkeypatch, "split")
     monkeypatch.setattr(gna_kernels, "REDUCE_TILE", 32)
     monkeypatch.setattr(launch, "target_programs", lambda t: 64)
 
@@ -132,7 +145,9 @@ def test_matches_fp64_reference(triton_backend, device, shape, groups, dtype, la
     w, b = make_params(shape[1], torch.float32 if dtype in HALF else dtype, device, affine)
     slope = 0.2 if act == "leaky_relu" else None
     run_and_check(x, groups, w, b, 1e-5, act, slope, dy_layout=layout)
-    assert gna_kernels.reduce_plan(x).chunks == 1  # the unsplit path on these small shapes
+    # Small groups: the single-pass design under the rule, forward and backward.
+    assert gna_kernels.single_pass_tile(x, groups) is not None
+    assert gna_kernels.single_pass_tile(x, groups, backward=True) is not None
 
 
 @pytest.mark.parametrize("layout,dtype", [("nchw", torch.float64), ("channels_last", torch.float32),
@@ -140,7 +155,7 @@ def test_matches_fp64_reference(triton_backend, device, shape, groups, dtype, la
 def test_split_reduction_matches_fp64(triton_backend, force_split, device, layout, dtype):
     shape = (2, 4, 5, 7)
     x = make_input(shape, dtype, layout, mean=-2.0, scale=3.0, requires_grad=True)
-    assert gna_kernels.reduce_plan(x).chunks > 1
+    assert gna_kernels.reduce_plan(x).chunks > 1 and gna_kernels.single_pass_tile(x, 2) is None
     w, b = make_params(4, dtype, device)
     run_and_check(x, 2, w, b, 1e-5, "silu")
 
@@ -148,6 +163,7 @@ def test_split_reduction_matches_fp64(triton_backend, force_split, device, layou
 def test_split_and_unsplit_agree(triton_backend, device, monkeypatch):
     x = make_input((2, 4, 6, 6), mean=3.0, scale=0.1)
     w, b = make_params(4, torch.float32, device)
+    force_path(monkeypatch, "split")
     y1 = group_norm_act(x, 2, w, b, act="gelu")
     monkeypatch.setattr(gna_kernels, "REDUCE_TILE", 16)
     monkeypatch.setattr(launch, "target_programs", lambda t: 1000)
@@ -156,10 +172,122 @@ def test_split_and_unsplit_agree(triton_backend, device, monkeypatch):
     torch.testing.assert_close(y1, y2, atol=2e-5, rtol=2e-5)
 
 
-def test_large_mean_small_std(triton_backend, device):
+# --------------------------------------------------------------------------------------------
+# The single-pass design vs the split one: the rule, and both forced on the same inputs
+# --------------------------------------------------------------------------------------------
+H100_PROGRAMS = 4 * 132  # launch.target_programs on an H100: the rule then sees 132 SMs
+
+
+@pytest.mark.parametrize("shape,groups,layout,fwd,bwd,gp", [
+    ((2, 64, 8, 8), 32, "nchw", True, True, 1),             # small groups (128 elements): single pass
+    ((1, 64, 48, 48), 32, "nchw", False, False, None),       # 8 K-element groups, N·G = 32 < 132 SMs
+    ((8, 64, 48, 48), 32, "nchw", True, True, 1),            # the same groups, N·G = 256 fills the device
+    ((8, 64, 96, 96), 32, "nchw", True, False, 1),           # 32 K elements: forward only (two live tiles)
+    ((8, 64, 256, 256), 32, "nchw", False, False, None),     # 128 K elements: too large for the chip
+    ((2, 128, 8, 8), 32, "channels_last", True, True, 4),    # channels_last: 4 groups = 16 channels a row
+    ((16, 128, 64, 64), 32, "channels_last", True, True, 2),  # U-Net shape: the tile caps GP at 2 (fwd)
+    ((2, 96, 8, 8), 32, "channels_last", True, True, 4),     # C/G = 3 padded to 4; GP divides G
+    ((2, 40, 8, 8), 5, "channels_last", True, True, 1),      # G odd: GP must divide it
+])
+def test_single_pass_rule(monkeypatch, shape, groups, layout, fwd, bwd, gp):
+    """Both sides of each condition of the rule (module docstring of kernels/group_norm_act.py)."""
+    monkeypatch.setattr(launch, "target_programs", lambda t: H100_PROGRAMS)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.empty(shape, device="meta").to(memory_format=fmt)
+    tile_f = gna_kernels.single_pass_tile(x, groups)
+    tile_b = gna_kernels.single_pass_tile(x, groups, backward=True)
+    assert (tile_f is not None, tile_b is not None) == (fwd, bwd)
+    if tile_f is not None:
+        assert tile_f.gp == gp and groups % tile_f.gp == 0
+        assert tile_f.block_s >= shape[2] * shape[3] and tile_f.block_cg >= shape[1] // groups
+        assert tile_f.block_s * tile_f.block_cg * tile_f.gp <= gna_kernels.SINGLE_PASS_MAX_ELEMS
+    if tile_b is not None:
+        assert tile_b.block_s * tile_b.block_cg * tile_b.gp <= gna_kernels.SINGLE_PASS_BWD_MAX_ELEMS
+
+
+def _forward_backward(x, groups, w, b, act, skip, gate, dy):
+    y = group_norm_act(x, groups, w, b, 1e-5, act, skip=skip, gate=gate)
+    inputs = [t for t in (x, w, b, skip, gate) if isinstance(t, torch.Tensor) and t.requires_grad]
+    return [y, *torch.autograd.grad(y, inputs, dy)]
+
+
+# (shape, groups, layout, dtype, act, gate): C/G a power of two or not (padded channels), GP > 1
+# on channels_last, strided views, a per-channel, a single-value and a float gate, fp64.
+PATH_CASES = [
+    ((2, 8, 5, 6), 4, "nchw", torch.float32, "silu", "channel"),
+    ((2, 12, 3, 5), 4, "channels_last", torch.float32, "relu", "scalar"),
+    ((3, 16, 4, 4), 4, "channels_last", torch.bfloat16, "gelu", "channel"),
+    ((2, 6, 5, 7), 2, "strided", torch.float16, "leaky_relu", "float"),
+    ((2, 6, 3, 5), 3, "channels_last", torch.float64, "silu", "channel"),
+    ((1, 4, 7, 9), 1, "nchw", torch.float32, "gelu_tanh", None),
+]
+
+
+@pytest.mark.parametrize("shape,groups,layout,dtype,act,gate_kind", PATH_CASES)
+def test_single_pass_and_split_match_fp64_and_each_other(triton_backend, device, monkeypatch,
+                                                         shape, groups, layout, dtype, act, gate_kind):
+    """Each design forced on the same inputs: both within tolerance of float64 (forward and every
+    gradient: x, γ, β, skip, gate) and within a few fp32 roundings of each other."""
+    c = shape[1]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_input(shape, dtype, layout, mean=2.0, scale=0.5, requires_grad=True)
+    w, b = make_params(c, torch.float32 if dtype in HALF else dtype, device)
+    skip = gate = None
+    if gate_kind is not None:
+        skip = make_input(shape, dtype, layout, mean=-1.0, requires_grad=True)
+        gate = {"channel": lambda: (torch.rand(c, dtype=acc, device=device) + 0.5).requires_grad_(),
+                "scalar": lambda: torch.tensor([0.7], dtype=acc, device=device, requires_grad=True),
+                "float": lambda: 0.3}[gate_kind]()
+    dy = torch.randn(shape, device=device).to(dtype)
+    results = {}
+    for path in ("single", "split"):
+        with monkeypatch.context() as m:
+            force_path(m, path)
+            assert (gna_kernels.single_pass_tile(x, groups, backward=True) is None) == (path == "split")
+            run_and_check(x, groups, w, b, 1e-5, act, None, skip, gate)
+            results[path] = _forward_backward(x, groups, w, b, act, skip, gate, dy)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, 2e-2)
+    for single, split in zip(results["single"], results["split"]):
+        mag = max(1.0, split.abs().max().item())
+        torch.testing.assert_close(single.double(), split.double(), atol=tol * mag, rtol=tol)
+
+
+def test_single_pass_launches(triton_backend, device, monkeypatch):
+    """The single-pass design launches one kernel forward and one backward (its last program sums
+    dγ, dβ and the gate's gradient), with no torch ops on the host for the gate or the parameters;
+    the ticket it counts programs with is back to zero afterwards (the next call reuses it)."""
+    launches = []
+    for name in ("_group_norm_act_fused_kernel", "_group_norm_act_backward_fused_kernel",
+                 "_group_norm_act_param_grad_kernel"):
+        kernel = getattr(gna_kernels, name)
+
+        class Spy:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launches.append(self.name)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(gna_kernels, name, Spy(kernel, name))
+    x = make_input((2, 8, 4, 4), layout="channels_last", requires_grad=True)
+    skip = make_input((2, 8, 4, 4), layout="channels_last", requires_grad=True)
+    w, b = make_params(8, torch.float32, device)
+    gate = torch.tensor([0.5], requires_grad=True)
+    y = group_norm_act(x, 4, w, b, act="silu", skip=skip, gate=gate)
+    assert launches == ["_group_norm_act_fused_kernel"]
+    y.backward(torch.randn_like(y))
+    assert launches[1:] == ["_group_norm_act_backward_fused_kernel"]
+    assert gate.grad.shape == gate.shape and w.grad.dtype == w.dtype
+    assert int(launch.tickets(x.device, 1)[0]) == 0
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_large_mean_small_std(triton_backend, device, monkeypatch, path):
     # |mean| / std = 3000: E[x²] − E[x]² in fp32 would be off by ~100% (or negative); Welford
     # keeps rstd to ~1e-4. The output is then limited by fp32's resolution of x and of the mean
     # (ulp(300) / std ≈ 3e-4), not by the variance.
+    force_path(monkeypatch, path)
     x = make_input((2, 4, 8, 8), mean=300.0, scale=0.1)
     y, mean, rstd = torch.ops.fusedskip.group_norm_act_forward(x, None, None, None, None, 2, 1e-5, "identity", 0.0)
     xg = x.double().reshape(2, 2, -1)
@@ -285,6 +413,7 @@ def test_nonfinite_value_makes_its_group_nan(triton_backend, monkeypatch, bad, s
     """Item 2: ±Inf/NaN in a group gives NaN for the whole group (as torch), not finite values
     (after ReLU: zeros that look valid); other groups are unaffected."""
     if split:
+        force_path(monkeypatch, "split")
         monkeypatch.setattr(gna_kernels, "REDUCE_TILE", 16)
     x = make_input((2, 6, 4, 5), layout="channels_last")
     x[1, 2, 3, 1] = bad  # sample 1, group 1 of 3
@@ -320,6 +449,7 @@ def test_constant_groups_normalise_to_beta(triton_backend, monkeypatch, value, s
     """Item 3: a zero-variance group normalises to exactly β (delta-form merge of the per-lane,
     per-chunk and per-channel partials), split into many chunks or not; mixed with a normal group."""
     if split:
+        force_path(monkeypatch, "split")
         monkeypatch.setattr(gna_kernels, "REDUCE_TILE", 16)
     x = make_input((2, 4, 6, 7), layout="channels_last")
     x[:, :2] = value
@@ -393,15 +523,25 @@ def test_interpreter_enabled_after_import_is_explained(monkeypatch):
         group_norm_act(torch.randn(1, 2, 2, 2), 1)
 
 
-def test_deterministic(triton_backend, force_split, device):
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_deterministic(triton_backend, device, monkeypatch, path):
+    """Bit-for-bit equal results on a rerun, gate and parameter gradients included (fixed-order
+    partial sums, no float atomics), in both designs."""
+    if path == "split":
+        force_path(monkeypatch, "split")
+        monkeypatch.setattr(gna_kernels, "REDUCE_TILE", 32)
+        monkeypatch.setattr(launch, "target_programs", lambda t: 64)
     x = make_input((2, 4, 5, 7), layout="channels_last", mean=3.0, scale=0.1, requires_grad=True)
-    assert gna_kernels.reduce_plan(x).chunks > 1
+    assert (gna_kernels.reduce_plan(x).chunks > 1) == (path == "split")
+    assert (gna_kernels.single_pass_tile(x, 2) is None) == (path == "split")
     w, b = make_params(4, torch.float32, device)
+    skip = make_input((2, 4, 5, 7), requires_grad=True)
+    gate = (torch.rand(4, device=device) + 0.5).requires_grad_()
     dy = torch.randn(x.shape, device=device)
 
     def run():
-        y = group_norm_act(x, 2, w, b, act="gelu")
-        return (y, *torch.autograd.grad(y, (x, w, b), dy))
+        y = group_norm_act(x, 2, w, b, act="gelu", skip=skip, gate=gate)
+        return (y, *torch.autograd.grad(y, (x, w, b, skip, gate), dy))
 
     first, second = run(), run()
     for a, b_ in zip(first, second):

@@ -75,6 +75,8 @@ OPS = [
     ("gated_skip/channel", _gated_skip, True, "channel", None),
     ("group_norm", _group_norm, False, None, None),
     ("group_norm/skip", _group_norm, True, "channel", None),
+    # Small groups take GroupNorm's single-pass design; "split" forces its split design.
+    ("group_norm/split/skip", _group_norm, True, "scalar", None),
     ("batch_norm/train", _batch_norm, False, None, True),
     ("batch_norm/eval", _batch_norm, False, None, False),
     ("batch_norm/train/skip", _batch_norm, True, "scalar", True),
@@ -103,9 +105,12 @@ def _double(t):
 
 @pytest.mark.parametrize("op_idx, dtype, layout", CASES,
                          ids=[f"{OPS[i][0]}-{str(d).split('.')[-1]}-{lay}" for i, d, lay in CASES])
-def test_kernels_forward_backward(op_idx, dtype, layout):
+def test_kernels_forward_backward(op_idx, dtype, layout, monkeypatch):
     op = OPS[op_idx]
     name, fn, _, _, training = op
+    if "/split" in name:
+        from fusedskip.kernels import group_norm_act as gn_kernels
+        monkeypatch.setattr(gn_kernels, "SINGLE_PASS_MAX_ELEMS", 0)
     act = ACTS[CASES.index((op_idx, dtype, layout)) % len(ACTS)]
     inputs = _inputs(op, dtype, layout, seed=op_idx)
     with fusedskip.use_backend("triton"):

@@ -20,7 +20,7 @@ from .._checks import check_activation, check_per_channel
 from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
 from ..conversion.interop import fx_leaf_call, refuse_script
 from ..kernels import group_norm_act as kernels
-from ..kernels.launch import acc_dtype
+from ..kernels.launch import acc_dtype, register_op
 from ._autograd import create_graph_requested, differentiable_grads
 from .gated_skip import GateArg, _gated_sum_acc, _skip_gate_tensor
 
@@ -94,18 +94,20 @@ def group_norm_act_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops around the kernel launches: opaque to torch.compile, so a compiled model
-# calls them without graph breaks (fake implementations give shapes, dtypes and layouts).
+# torch.library ops around the kernel launches, for torch.compile (``launch.register_op``: a
+# triton_op that Inductor sees into on PyTorch >= 2.6, an opaque custom op otherwise; no graph
+# breaks either way; fake implementations give shapes, dtypes and layouts). Eager calls launch
+# the kernels directly from the autograd Function, outside the torch.library layer.
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fusedskip::group_norm_act_forward", mutates_args=())
+@register_op("group_norm_act_forward")
 def group_norm_act_forward(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
-    num_groups: int, eps: float, act: str, negative_slope: float,
+    num_groups: int, eps: float, act: str, negative_slope: float, launcher,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)``; mean/rstd are [N, num_groups] in the accumulation dtype."""
     return kernels.group_norm_act_forward(x, weight, bias, skip, gate, num_groups, eps,
-                                          ACTIVATION_IDS[act], negative_slope)
+                                          ACTIVATION_IDS[act], negative_slope, launcher=launcher)
 
 
 @group_norm_act_forward.register_fake
@@ -114,17 +116,17 @@ def _(x, weight, bias, skip, gate, num_groups, eps, act, negative_slope):
     return torch.empty_like(x, memory_format=torch.preserve_format), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fusedskip::group_norm_act_backward", mutates_args=())
+@register_op("group_norm_act_backward")
 def group_norm_act_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     skip: Optional[torch.Tensor], gate: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
     num_groups: int, act: str, negative_slope: float,
-    need_dx: bool, need_dskip: bool, need_dgate: bool, need_dweight: bool, need_dbias: bool,
+    need_dx: bool, need_dskip: bool, need_dgate: bool, need_dweight: bool, need_dbias: bool, launcher,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dskip, dgate, dweight, dbias)``; gradients not asked for are empty tensors."""
     grads = kernels.group_norm_act_backward(
         grad, x, weight, bias, skip, gate, mean, rstd, num_groups, ACTIVATION_IDS[act], negative_slope,
-        need_dx, need_dskip, need_dgate, need_dweight, need_dbias)
+        need_dx, need_dskip, need_dgate, need_dweight, need_dbias, launcher=launcher)
     # Custom ops cannot return None: absent gradients come back as empty tensors.
     return tuple(gr if gr is not None else x.new_empty(0) for gr in grads)
 
@@ -152,12 +154,18 @@ class GroupNormActFunction(torch.autograd.Function):
     Inputs: ``x, weight, bias, skip, gate`` (tensors or None; ``gate`` in the accumulation
     dtype with 1 or C values), then ``num_groups, eps, act`` (a name of
     :data:`fusedskip.activations.ACTIVATION_IDS`) and ``negative_slope`` (float).
+    Eager calls launch the kernels directly (cached launch plans); under torch.compile the
+    torch.library ops run.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, skip, gate, num_groups: int, eps: float, act: str, negative_slope: float):
-        y, mean, rstd = torch.ops.fusedskip.group_norm_act_forward(
-            x, weight, bias, skip, gate, num_groups, eps, act, negative_slope)
+        if torch.compiler.is_compiling():
+            y, mean, rstd = torch.ops.fusedskip.group_norm_act_forward(
+                x, weight, bias, skip, gate, num_groups, eps, act, negative_slope)
+        else:
+            y, mean, rstd = kernels.group_norm_act_forward(
+                x, weight, bias, skip, gate, num_groups, eps, ACTIVATION_IDS[act], negative_slope)
         ctx.save_for_backward(x, weight, bias, skip, gate, mean, rstd)
         ctx.num_groups = num_groups
         ctx.eps = eps
@@ -175,9 +183,14 @@ class GroupNormActFunction(torch.autograd.Function):
                                                  ctx.negative_slope, skip, gate))
             return grads + (None,) * 4
         need_dx, need_dw, need_db, need_dskip, need_dgate = ctx.needs_input_grad[:5]
-        dx, dskip, dgate, dw, db = torch.ops.fusedskip.group_norm_act_backward(
-            grad, x, weight, bias, skip, gate, mean, rstd, ctx.num_groups, ctx.act, ctx.negative_slope,
-            need_dx, need_dskip, need_dgate, need_dw, need_db)
+        if torch.compiler.is_compiling():
+            dx, dskip, dgate, dw, db = torch.ops.fusedskip.group_norm_act_backward(
+                grad, x, weight, bias, skip, gate, mean, rstd, ctx.num_groups, ctx.act, ctx.negative_slope,
+                need_dx, need_dskip, need_dgate, need_dw, need_db)
+        else:
+            dx, dskip, dgate, dw, db = kernels.group_norm_act_backward(
+                grad, x, weight, bias, skip, gate, mean, rstd, ctx.num_groups, ACTIVATION_IDS[ctx.act],
+                ctx.negative_slope, need_dx, need_dskip, need_dgate, need_dw, need_db)
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
                 dskip if need_dskip else None, dgate if need_dgate else None, None, None, None, None)
 
