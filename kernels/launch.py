@@ -158,7 +158,7 @@ def traced_launch(kernel, plan: Plan, *pointers) -> None:
 def signature(*tensors: Optional[torch.Tensor]) -> tuple:
     """The part of a plan's cache key that the tensors give: shape, strides, dtype, device
     (None for an absent tensor)."""
-    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors])
 
 
 _PLAN_CACHES: list = []
@@ -242,7 +242,10 @@ def device_guard(tensor: torch.Tensor):
     on another thread, and models may live on ``cuda:1`` while ``cuda:0`` is current)."""
     if tensor.device.type == "cuda":
         return torch.cuda.device(tensor.device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()  # stateless: one instance serves every CPU (interpreter) launch
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:
@@ -451,7 +454,7 @@ def gate_gradient(per_channel: torch.Tensor, gate: torch.Tensor) -> torch.Tensor
 def empty_like_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An output with the input's memory layout when it is dense (NCHW or channels_last stay as
     they are, no copies), contiguous NCHW otherwise."""
-    return torch.empty_like(t, dtype=dtype, memory_format=torch.preserve_format)
+    return torch.empty_like(t, dtype=dtype)  # memory_format=torch.preserve_format is empty_like's default
 
 
 Grid = Callable[[dict], tuple]

@@ -57,7 +57,7 @@ def test_training_reduces_loss_and_writes_outputs(trained_run):
     assert epochs[-1]["train_den_loss"] < epochs[0]["train_den_loss"]
     assert epochs[-1]["train_cls_loss"] < epochs[0]["train_cls_loss"]
     assert len(epochs[0]["gates"]) == 2 and epochs[0]["mtl_weights"] == pytest.approx([1.0, 0.5])
-    for name in ("last.pt", "best.pt", "metrics.json"):  # figures: test_demo_smoke
+    for name in ("last.pt", "best.pt", "metrics.json"):  # figures: tests/test_study.py::test_demo_end_to_end_tiny
         assert (out / name).is_file(), name
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -172,7 +172,8 @@ def test_cli_errors(tmp_path, capsys, trained_run):
     save_checkpoint(ckpt, str(arch / "last.pt"))
     code, _, err = run_cli(capsys, "train", "--resume", "--out", str(arch), *FAST)
     assert_usage_error(code, err, "another architecture")
-    code, _, err = run_cli(capsys, "train", "--init-from", str(run_dir / "best.pt"), "--out", str(tmp_path / "i"), *FAST)
+    code, _, err = run_cli(capsys, "train", "--init-from", str(run_dir / "best.pt"), "--out", str(tmp_path / "i"),
+                           *FAST)
     assert_usage_error(code, err, "another architecture")
     tampered = dict(ckpt, model={k: v for k, v in ckpt["model"].items() if not k.startswith("head")})
     save_checkpoint(tampered, str(tmp_path / "tampered.pt"))
@@ -229,16 +230,3 @@ def test_cli_help_and_bench(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "source_root", lambda: str(tmp_path))
     code = cli.main(["bench", "--quick"])
     assert code == 0
-
-
-def test_demo_smoke(tmp_path, capsys):
-    code, out, err = run_cli(capsys, "demo", "--out", str(tmp_path), "--epochs", "1", "--width", "4", "--depth", "2",
-                             "--limit", "32", "--no-selfcheck", "--no-progress", "--threads", "1")
-    assert code == 0, err
-    report = json.loads((tmp_path / "report.json").read_text())
-    finding = report["gate_finding"]
-    assert len(finding["gates_single_task"]) == 2 and isinstance(finding["supported"], bool)
-    assert "Shallow gates favour reconstruction under multi-task training" in out
-    for name in ("report.md", "samples.png", "gates.png", "curves.png"):
-        assert (tmp_path / name).is_file(), name
-    assert "accuracy" in report["models"]["multi-task"]["test"]["sigma_25"]

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .blocks import ConvBlock, Upsample, conv_norm_act, gated_skip_of, make_down, make_fuse, normalise_norm, per_level
+from .dncnn import DnCNN
 
 VARIANTS = ("paper", "hierarchical")
 FUSIONS = ("gated", "gated_norm_act", "concat")
@@ -297,7 +298,7 @@ class ConcatUNet(AddUNet):
         self.config["name"] = "concat-unet"
 
 
-MODELS = {"addunet": AddUNet, "concat-unet": ConcatUNet}
+MODELS = {"addunet": AddUNet, "concat-unet": ConcatUNet, "dncnn": DnCNN}  # DnCNN: a baseline (models/dncnn.py)
 
 
 def build_model(config: Dict[str, Any]) -> AddUNet:

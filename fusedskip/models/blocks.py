@@ -98,7 +98,8 @@ def make_fuse(fusion: str, channels: int, gate: Union[str, float], gate_init: Op
         if norm == "batch":
             kwargs["norm"] = "batch"
         else:  # group norm; instance norm = one channel per group
-            kwargs.update(norm="group", num_groups=channels if norm == "instance" else group_count(channels, num_groups))
+            groups = channels if norm == "instance" else group_count(channels, num_groups)
+            kwargs.update(norm="group", num_groups=groups)
         return SkipNormAct(channels, **kwargs)
     raise ValueError(f"fusion must be one of ('gated', 'gated_norm_act', 'concat'), got {fusion!r}")
 

@@ -69,16 +69,22 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
     if num_batches_tracked is not None and (not isinstance(num_batches_tracked, torch.Tensor)
                                             or num_batches_tracked.numel() != 1):
         raise ValueError("num_batches_tracked must be a one-element tensor")
-    if (count_check and momentum is None and training and running_mean is not None
-            and not torch.compiler.is_compiling() and int(num_batches_tracked.reshape(())) < 1):
-        raise ValueError(f"num_batches_tracked must be >= 1 for momentum=None (the running-average factor is "
-                         f"1/num_batches_tracked; increment it for this batch first, as nn.BatchNorm2d does), "
-                         f"got {int(num_batches_tracked.reshape(()))}")
+    if count_check and momentum is None and training and running_mean is not None:
+        _check_count(num_batches_tracked)
     name, slope = resolve_activation(act, negative_slope)
     gate_t = _skip_gate_tensor(x, skip, gate)
     if training and single_value_check and _values_per_channel(x) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     return name, slope, gate_t
+
+
+def _check_count(num_batches_tracked: torch.Tensor) -> None:
+    """momentum=None in training: the running-average factor 1/num_batches_tracked needs a count >= 1
+    (one host read, as nn.BatchNorm2d's own ``1 / float(num_batches_tracked)``; skipped while compiling)."""
+    if not torch.compiler.is_compiling() and int(num_batches_tracked.reshape(())) < 1:
+        raise ValueError(f"num_batches_tracked must be >= 1 for momentum=None (the running-average factor is "
+                         f"1/num_batches_tracked; increment it for this batch first, as nn.BatchNorm2d does), "
+                         f"got {int(num_batches_tracked.reshape(()))}")
 
 
 def _momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[torch.Tensor]) -> float:
@@ -552,14 +558,17 @@ class BatchNormAct2d(nn.Module):
             check_per_channel("input_bias", input_bias, self.num_features, x.device, allow_scalar=False)
         sync_needed = self._sync_needed(bn_training)
         # Every check before any state changes: a rejected call must not count a batch.
-        _validate(x, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum, self.eps,
-                  self.act_name, self.negative_slope, skip, gate, self.num_batches_tracked if counting else None,
-                  single_value_check=not sync_needed, count_check=False)
-        backend.use_triton(x)  # raises here for a backend that cannot run on x's device
+        name, slope, gate_t = _validate(
+            x, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum, self.eps,
+            self.act_name, self.negative_slope, skip, gate, self.num_batches_tracked if counting else None,
+            single_value_check=not sync_needed, count_check=False)
+        use_triton = backend.use_triton(x)  # raises here for a backend that cannot run on x's device
         nbt = None
         if counting:
             self.num_batches_tracked.add_(1)
             nbt = self.num_batches_tracked if self.momentum is None else None
+            if nbt is not None and bn_training:  # the count check _validate left for after the increment
+                _check_count(nbt)
         if input_bias is not None:
             input_bias = input_bias.detach()
             if not bn_training:  # normalise x + b with running mean μ  ⇔  normalise x with μ − b
@@ -572,8 +581,13 @@ class BatchNormAct2d(nn.Module):
         else:
             if bn_training and self.training:
                 warn_if_unsynchronised(self)
-            out = batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum,
-                                 self.eps, self.act_name, self.negative_slope, skip, gate, num_batches_tracked=nbt)
+            if use_triton:  # validated above: straight to the kernels (batch_norm_act would check it all again)
+                out = _batch_norm_act_triton(x, running_mean, running_var, self.weight, self.bias, bn_training,
+                                             self.momentum, self.eps, name, slope, skip, gate_t, nbt)
+            else:
+                out = batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training,
+                                     self.momentum, self.eps, self.act_name, self.negative_slope, skip, gate,
+                                     num_batches_tracked=nbt)
         if input_bias is not None and bn_training and running_mean is not None and x.numel() > 0:
             # The batch mean of x + b is mean(x) + b: add the factor's share of b to the running mean.
             with torch.no_grad():

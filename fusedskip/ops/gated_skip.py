@@ -127,9 +127,33 @@ def _gate_tensor(gate: GateArg, up: torch.Tensor) -> torch.Tensor:
     if not isinstance(gate, torch.Tensor):
         if not math.isfinite(gate):
             raise ValueError(f"gate must be finite, got {gate}")
-        return torch.full((1,), float(gate), dtype=acc_dtype(up), device=up.device)
+        return _constant_gate(float(gate), up)
     check_per_channel("gate", gate, channels, up.device, allow_scalar=True)
-    return gate.reshape(-1).to(acc_dtype(up))
+    if gate.dim() != 1:  # () -> (1,); a 1-D gate is used as it is (no view, no copy per call)
+        gate = gate.reshape(-1)
+    acc = acc_dtype(up)
+    return gate if gate.dtype == acc else gate.to(acc)
+
+
+_CONSTANT_GATES: dict = {}
+
+
+def _constant_gate(value: float, up: torch.Tensor) -> torch.Tensor:
+    """A float gate as a one-value accumulation-dtype tensor on ``up``'s device. Eager calls on plain
+    tensors share one read-only tensor per (value, dtype, device) instead of a ``torch.full`` (an
+    allocation and a fill launch) per call; traced calls (torch.compile, fake or subclass tensors)
+    build it afresh so it belongs to the trace."""
+    acc = acc_dtype(up)
+    if type(up) is not torch.Tensor or torch.compiler.is_compiling():
+        return torch.full((1,), value, dtype=acc, device=up.device)
+    key = (value, acc, up.device)
+    gate = _CONSTANT_GATES.get(key)
+    if gate is None:
+        if len(_CONSTANT_GATES) >= 256:  # a stream of distinct values (e.g. a sweep): start afresh
+            _CONSTANT_GATES.clear()
+        with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable by autograd later
+            gate = _CONSTANT_GATES[key] = torch.full((1,), value, dtype=acc, device=up.device)
+    return gate
 
 
 def _skip_gate_tensor(x: torch.Tensor, skip: Optional[torch.Tensor],

