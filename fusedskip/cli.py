@@ -126,6 +126,17 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-vmsm", action="store_true", help="VMSANet: without VMSM (with --no-cacm: plain MTAN)")
     g.add_argument("--vmsm-fusion", default="released", choices=("released", "intended", "concat"),
                    help="VMSANet: VMSM branch fusion (released: b1 + dilation-2 + pool)")
+    from .mtl import CROSS_TASK_KINDS
+
+    g = p.add_argument_group("cross-task exchange")
+    g.add_argument("--cross-task", default="none", choices=CROSS_TASK_KINDS,
+                   help="module exchanging features between the task branches (fusedskip.mtl.CrossTaskFusion): "
+                   "AddUNet where the denoising and classification branches meet, VMSANet at --cross-task-stage")
+    g.add_argument("--cross-task-stage", type=int, metavar="N",
+                   help="VMSANet: the decoder stage 0..4 after which the cross-task module runs (0: deepest, "
+                   "4: full resolution; default: 4)")
+    g.add_argument("--cross-task-option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the cross-task module (JSON value, e.g. topk=16), repeatable")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -140,6 +151,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default="cosine", choices=("cosine", "step", "none"))
     g.add_argument("--grad-clip", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                   help="autocast the forward and losses to bf16 or fp16 (fp16: with a GradScaler); evaluation "
+                   "stays in full precision")
+    g.add_argument("--channels-last", action="store_true", help="model weights and input batches in channels_last")
+    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training model (BACKEND: a torch.compile backend; bare --compile: "
+                   "inductor, which needs a C++ compiler on the CPU)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/train", help="output directory (checkpoints, metrics.json, figures)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
@@ -199,6 +218,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                  "use_vmsm": not args.no_vmsm, "vmsm_fusion": args.vmsm_fusion}
     elif args.tasks or args.filters or args.no_cacm or args.no_vmsm or args.baselines:
         parser.error("--tasks, --baselines, --filters, --no-cacm and --no-vmsm apply to --model vmsanet")
+    _add_cross_task(model, args, parser)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     return make_config({
         "dataset": args.dataset, "root": args.root, "download": args.download, "size": args.size,
@@ -213,7 +233,34 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         "eval_every": args.eval_every, "progress": not args.no_progress, "figures": not args.no_figures,
         "deterministic": args.deterministic, "quiet": args.quiet, "threads": args.threads,
         "tasks": tasks, "baselines": args.baselines, "num_classes": args.num_classes,
+        "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile or False,
     })
+
+
+def _add_cross_task(model: Dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Put --cross-task, --cross-task-stage (VMSANet) and --cross-task-option into the model config
+    dict: keys ``cross_task``, ``cross_task_stage`` (VMSANet only) and ``cross_task_options``, only
+    when --cross-task is not none (configs and checkpoints without it stay as they were)."""
+    vmsanet = model["name"] == "vmsanet"
+    if args.cross_task_stage is not None and not vmsanet:
+        parser.error("--cross-task-stage applies to --model vmsanet (AddUNet's cross-task module sits where its "
+                     "two branches meet)")
+    if args.cross_task == "none":
+        given = [flag for flag, v in (("--cross-task-stage", args.cross_task_stage),
+                                      ("--cross-task-option", args.cross_task_option)) if v]
+        if given:
+            parser.error(f"{' and '.join(given)} need --cross-task (kem, stable_kem or cross_attention)")
+        return
+    options = dict(args.cross_task_option)
+    if len(options) != len(args.cross_task_option):
+        parser.error("--cross-task-option: a KEY is given more than once")
+    model.update(cross_task=args.cross_task, cross_task_options=options)
+    if vmsanet:
+        stage = 4 if args.cross_task_stage is None else args.cross_task_stage
+        if not 0 <= stage <= 4:
+            parser.error(f"--cross-task-stage must be a VMSANet decoder stage 0..4 (0: deepest, 4: full "
+                         f"resolution), got {stage}")
+        model["cross_task_stage"] = stage
 
 
 def train_main(argv: Optional[Sequence[str]] = None, prog: str = "fusedskip train") -> int:

@@ -27,6 +27,25 @@ the reference PyTorch path elsewhere, with the same parameters and state_dict ei
 The model returns ``(denoised, logits)``; ``logits`` is ``None`` when ``num_classes == 0``.
 Skips are numbered from the shallowest (1, fed by Enc_1) to the deepest (L):
 :meth:`AddUNet.gates` lists their gate values in that order.
+
+Cross-task exchange (``cross_task``, off by default): a
+:class:`~fusedskip.mtl.kem.CrossTaskFusion` (``"kem"``, ``"stable_kem"`` or
+``"cross_attention"``, with ``cross_task_options``) between the two branches where they first
+have features of their own at the bottleneck's width. The two task features are
+
+* denoising: ``u_1``, the output of the first (deepest) decoder step (paper form: full
+  resolution; hierarchical: the resolution of the deepest skip r_L, 1/2^(L−1)), and
+* classification: the deepest state ``x_{L+1}`` the classifier pools (paper form: full
+  resolution; hierarchical: 1/2^L, after the middle block),
+
+both with the deepest width ``w_L`` (token counts may differ: KEM and the dense baseline take
+tasks of different sizes). The module returns both updated (residually): the decoder continues
+from the new ``u_1``, the classifier pools the new deep state. It needs a classifier
+(``num_classes >= 2``). Its parameters mix the two tasks, so they are *shared* parameters
+(:meth:`AddUNet.shared_parameters`); it is built after everything else, so with a given seed the
+rest of the model starts from the same weights with or without it. Cost: KEM O(K · tokens ·
+w_L); ``"cross_attention"`` O(tokens² · w_L), and the paper form keeps full resolution, so the
+dense baseline holds a (2·H·W)² attention matrix per image.
 """
 from __future__ import annotations
 
@@ -37,6 +56,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..mtl.kem import CROSS_TASK_KINDS, CrossTaskFusion
 from .blocks import ConvBlock, Upsample, conv_norm_act, gated_skip_of, make_down, make_fuse, normalise_norm, per_level
 from .dncnn import DnCNN
 
@@ -72,6 +92,9 @@ class AddUNet(nn.Module):
         width_mult, max_width, down, up, mid_block: hierarchical form only.
         fusion_norm: the norm of ``fusion="gated_norm_act"`` (``"group"``, ``"batch"`` or
             ``"instance"``; default: ``norm``, or group norm when ``norm`` is None).
+        cross_task: ``None`` / ``"none"`` (default) or a CrossTaskFusion kind between the
+            denoising and classification branches (module docstring); needs ``num_classes >= 2``.
+        cross_task_options: keyword options of that kind's module (e.g. ``{"topk": 16}``).
     """
 
     def __init__(self, in_channels: int = 1, out_channels: Optional[int] = None, width: int = 32,
@@ -83,8 +106,10 @@ class AddUNet(nn.Module):
                  gate: Union[str, float] = "softplus", gate_init: Optional[float] = None,
                  residual: bool = False, classifier_hidden: int = 0, classifier_dropout: float = 0.0,
                  width_mult: int = 2, max_width: Optional[int] = None, down: str = "maxpool",
-                 up: str = "bilinear", mid_block: bool = True, fusion_norm: Optional[str] = None):
+                 up: str = "bilinear", mid_block: bool = True, fusion_norm: Optional[str] = None,
+                 cross_task: Optional[str] = None, cross_task_options: Optional[Dict[str, Any]] = None):
         super().__init__()
+        cross_task, cross_task_options = _check_cross_task(cross_task, cross_task_options, num_classes)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if fusion not in FUSIONS:
@@ -154,11 +179,17 @@ class AddUNet(nn.Module):
             self.classifier = nn.Sequential(*layers)
         else:
             self.classifier = None
+        # built last: the model above draws the same initial weights with or without it
+        self.cross_task = None if cross_task is None else _fusion(cross_task, widths[-1], cross_task_options)
         # JSON-able constructor arguments: rebuild with build_model(model.config).
         frame = inspect.currentframe()
         args = {name: frame.f_locals[name] for name in inspect.signature(AddUNet.__init__).parameters if name != "self"}
         args.update(out_channels=out_channels, encoder_update=encoder_update, norm=norm, kernel_size=kernels,
                     fusion_norm=normalise_norm(fusion_norm) if fusion_norm is not None else None)
+        if cross_task is None:  # off: the config is what it was before the option existed
+            del args["cross_task"], args["cross_task_options"]
+        else:
+            args.update(cross_task=cross_task, cross_task_options=cross_task_options)
         self.config: Dict[str, Any] = {"name": "addunet", **_jsonable(args)}
 
     # ------------------------------------------------------------------------------------------
@@ -194,22 +225,59 @@ class AddUNet(nn.Module):
             x = self.mid(x)
         return skips, x
 
+    def decoder_step(self, j: int, u: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
+        """Decoder step j (0 = deepest): up-sample (hierarchical), fuse skip r_{L−j}, decode."""
+        skip = skips[self.depth - 1 - j]
+        if self.ups is not None:
+            u = self.ups[j](u, skip.shape[-2:])
+        return self.decoders[j](self.fuses[j](u, skip))
+
     def decode(self, skips: List[torch.Tensor], deep: torch.Tensor) -> torch.Tensor:
+        """The denoising branch without cross-task exchange: head(decoder steps 0..L−1)."""
         u = deep
         for j in range(self.depth):
-            skip = skips[self.depth - 1 - j]
-            if self.ups is not None:
-                u = self.ups[j](u, skip.shape[-2:])
-            u = self.decoders[j](self.fuses[j](u, skip))
+            u = self.decoder_step(j, u, skips)
         return self.head(u)
 
     def forward(self, noisy: torch.Tensor):
         skips, deep = self.encode(noisy)
-        out = self.decode(skips, deep)
+        if self.cross_task is None:
+            out = self.decode(skips, deep)
+        else:  # module docstring: exchange between u_1 (denoising) and the deep state (classification)
+            u = self.decoder_step(0, deep, skips)
+            u, deep = self.cross_task([u, deep])
+            for j in range(1, self.depth):
+                u = self.decoder_step(j, u, skips)
+            out = self.head(u)
         if self.residual:
             out = noisy - out
         logits = self.classifier(deep) if self.classifier is not None else None
         return out, logits
+
+    def cross_task_shapes(self, image_size: Sequence[int]) -> List[tuple]:
+        """Shapes ``[1, w_L, h, w]`` of the (denoising, classification) features the cross-task
+        module sees for ``image_size`` (H, W) inputs."""
+        h, w = int(image_size[0]), int(image_size[1])
+        if self.variant == "paper":
+            return [(1, self.widths[-1], h, w)] * 2
+        d = 2 ** (self.depth - 1)
+        return [(1, self.widths[-1], h // d, w // d), (1, self.widths[-1], h // (2 * d), w // (2 * d))]
+
+    @torch.no_grad()
+    def check_cross_task(self, image_size: Sequence[int]) -> None:
+        """Run the cross-task module once on zero features of the shapes ``image_size`` inputs
+        give (batch 1), so bad options (e.g. KEM's ``topk`` above the token count) raise
+        ValueError before any training; nothing without a module."""
+        if self.cross_task is None:
+            return
+        p = next(self.cross_task.parameters())
+        shapes = self.cross_task_shapes(image_size)
+        try:
+            self.cross_task([torch.zeros(s, dtype=p.dtype, device=p.device) for s in shapes])
+        except (ValueError, TypeError, RuntimeError) as exc:
+            tokens = " + ".join(str(s[2] * s[3]) for s in shapes)
+            raise ValueError(f"cross_task on {image_size[0]}×{image_size[1]} images (denoising + classification "
+                             f"tokens {tokens}, C = {shapes[0][1]}): {exc}") from None
 
     # ------------------------------------------------------------------------------------------
     def gate_modules(self) -> List[Optional[nn.Module]]:
@@ -263,10 +331,13 @@ class AddUNet(nn.Module):
             mods.append(self.downs)
         if self.mid is not None:
             mods.append(self.mid)
+        if self.cross_task is not None:
+            mods.append(self.cross_task)
         return mods
 
     def shared_parameters(self) -> List[nn.Parameter]:
-        """The encoder both tasks use: stem, encoder blocks (and down-sampling, middle block)."""
+        """What both tasks use: stem, encoder blocks (and down-sampling, middle block) and the
+        cross-task module when there is one."""
         return [p for m in self.shared_modules() for p in m.parameters()]
 
     def task_parameters(self) -> Dict[str, List[nn.Parameter]]:
@@ -313,7 +384,37 @@ def build_model(config: Dict[str, Any]) -> AddUNet:
         raise ValueError(f"unknown model options {sorted(unknown)}")
     if name == "concat-unet":
         config.pop("fusion", None)
+    if config.get("cross_task") in (None, "none") and not config.get("cross_task_options"):
+        config.pop("cross_task", None)  # off: every model accepts its absence
+        config.pop("cross_task_options", None)
     return MODELS[name](**config)
+
+
+def _check_cross_task(kind, options, num_classes: int):
+    """(kind or None, options dict) of AddUNet's cross-task arguments; ValueError for bad ones."""
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"cross_task_options must be a dict of keyword options, got {options!r}")
+    kind = None if kind in (None, False, "none") else kind
+    if kind is None:
+        if options:
+            raise ValueError(f"cross_task_options {sorted(options)} given without a cross_task kind")
+        return None, None
+    if kind not in CROSS_TASK_KINDS:
+        raise ValueError(f"cross_task must be None or one of {CROSS_TASK_KINDS}, got {kind!r}")
+    if num_classes < 2:
+        raise ValueError(f"cross_task={kind!r} exchanges features between the denoising and classification "
+                         "branches: it needs a classifier (num_classes >= 2, joint training)")
+    return kind, dict(options or {})
+
+
+def _fusion(kind: str, dim: int, options: Dict[str, Any]) -> CrossTaskFusion:
+    """CrossTaskFusion(kind, dim, **options) with bad or unknown options as ValueError."""
+    try:
+        return CrossTaskFusion(kind, dim, **options)
+    except TypeError as exc:
+        raise ValueError(f"cross_task_options for {kind!r}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"cross_task_options for {kind!r} (dim {dim}): {exc}") from None
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect"):

@@ -32,10 +32,16 @@ Heads return raw outputs (no log-softmax: losses take logits). A task is given a
 output channels of the released dense head, Conv3×3(f0, f0) → Conv1×1(f0, out)) or as any
 module taking the task's final feature ``[B, f0, H, W]``.
 
-Cross-task hook: ``cross_task`` (a module mapping the list of the T tasks' features ``[B, C, H, W]``
-to a list of the same shapes, e.g. :class:`fusedskip.mtl.kem.CrossTaskFusion`) is applied to the
-task branches after decoder step ``cross_task_stage`` (0 = deepest, 4 = full resolution; the
-channel count there is :meth:`VMSANet.decoder_channels`).
+Cross-task hook: ``cross_task`` is applied to the T task branches after decoder step
+``cross_task_stage`` (0 = deepest, at 1/16 of the input side; 4 = full resolution; the channel
+count there is :meth:`VMSANet.decoder_channels`, the side ``H / 2^(4 − stage)``). Give a kind of
+:class:`fusedskip.mtl.kem.CrossTaskFusion` (``"kem"``, ``"stable_kem"``, ``"cross_attention"``;
+``None`` / ``"none"``: no module) with ``cross_task_options`` for it — recorded in ``config``, so
+:meth:`VMSANet.from_config` rebuilds it from a checkpoint — or any module mapping the list of the
+tasks' features ``[B, C, H, W]`` to a list of the same shapes (recorded by class name only). The
+module is built after the network's own initialisation, so with a given seed the rest of the
+network starts from the same weights with or without it. It mixes the tasks: its parameters are
+*shared* parameters (:meth:`VMSANet.shared_parameters`), not any task's.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..mtl.kem import CROSS_TASK_KINDS, CrossTaskFusion
 from ..ops.conv_norm_act import ConvNormAct
 
 MTAN_FILTERS = (64, 128, 256, 512, 512)
@@ -177,7 +184,10 @@ class VMSANet(nn.Module):
         in_channels: image channels.
         filters: the five level widths (released: 64, 128, 256, 512, 512).
         use_cacm, use_vmsm, vmsm_fusion, vmsm_rates, cacm_reduction: the Net-Opt-MTL modules.
-        cross_task, cross_task_stage: optional module between the task branches (module docstring).
+        cross_task: ``None`` / ``"none"``, a :class:`~fusedskip.mtl.kem.CrossTaskFusion` kind
+            (``"kem"``, ``"stable_kem"``, ``"cross_attention"``) or a module (module docstring).
+        cross_task_options: keyword options of that kind's module (a kind string only).
+        cross_task_stage: decoder step 0..4 after which the module runs.
     """
 
     levels = 5
@@ -185,13 +195,15 @@ class VMSANet(nn.Module):
     def __init__(self, tasks: Mapping[str, Union[int, nn.Module]], in_channels: int = 3,
                  filters: Sequence[int] = MTAN_FILTERS, use_cacm: bool = True, use_vmsm: bool = True,
                  vmsm_fusion: str = "released", vmsm_rates: Sequence[int] = VMSM_RATES, cacm_reduction: int = 16,
-                 cross_task: Optional[nn.Module] = None, cross_task_stage: int = 4):
+                 cross_task: Union[None, str, nn.Module] = None, cross_task_options: Optional[Mapping] = None,
+                 cross_task_stage: int = 4):
         super().__init__()
         self._check_args(tasks, filters, cross_task_stage)
+        kind, options = _cross_task_kind(cross_task, cross_task_options)
         f = [int(c) for c in filters]
         self.filters, self.task_names = tuple(f), list(tasks)
         self.use_cacm, self.use_vmsm, self.vmsm_fusion = bool(use_cacm), bool(use_vmsm), vmsm_fusion
-        self.cross_task, self.cross_task_stage = cross_task, int(cross_task_stage)
+        self.cross_task_stage = int(cross_task_stage)
         self._build_shared(in_channels, f)
         self.encoder_cacm = nn.ModuleList(CACM(c, cacm_reduction) for c in f) if use_cacm else None
         # decoder CACMs in step order (deepest first), channels f3, f2, f1, f0, f0 as released
@@ -210,12 +222,60 @@ class VMSANet(nn.Module):
             for lv in range(5)) for t in tasks})
         self.heads = nn.ModuleDict({t: dense_head(f[0], h) if isinstance(h, int) else h for t, h in tasks.items()})
         self._init_weights()
+        # built last: the network above draws the same initial weights with or without it
+        if isinstance(cross_task, nn.Module):
+            self.cross_task: Optional[nn.Module] = cross_task
+        elif kind is None:
+            self.cross_task = None
+        else:
+            self.cross_task = _fusion(kind, self.decoder_channels(self.cross_task_stage, f), options)
         self.config = {"name": "vmsanet", "in_channels": int(in_channels), "filters": f,
                        "tasks": {t: h if isinstance(h, int) else type(h).__name__ for t, h in tasks.items()},
                        "use_cacm": self.use_cacm, "use_vmsm": self.use_vmsm, "vmsm_fusion": vmsm_fusion,
                        "vmsm_rates": [int(r) for r in vmsm_rates], "cacm_reduction": int(cacm_reduction),
-                       "cross_task": None if cross_task is None else type(cross_task).__name__,
+                       "cross_task": type(cross_task).__name__ if isinstance(cross_task, nn.Module) else kind,
                        "cross_task_stage": int(cross_task_stage)}
+        if kind is not None and not isinstance(cross_task, nn.Module):
+            self.config["cross_task_options"] = options
+        elif isinstance(cross_task, nn.Module):
+            self.config["cross_task_module"] = True
+
+    @classmethod
+    def from_config(cls, config: Mapping, heads: Optional[Mapping[str, nn.Module]] = None,
+                    cross_task: Optional[nn.Module] = None) -> "VMSANet":
+        """Rebuild a model from its :attr:`config` (as checkpoints store it). Tasks recorded as
+        output channels get the released dense head; tasks with ``config["task_kinds"]`` entries
+        (set by :class:`~fusedskip.training.problems.DenseProblem`) the trainer's
+        :func:`~fusedskip.training.tasks.task_head`; any other custom head must come in ``heads``,
+        and a custom cross-task module (recorded by class name only) in ``cross_task``."""
+        from ..training.tasks import Task, task_head
+
+        if not isinstance(config, Mapping) or config.get("name") != "vmsanet":
+            raise ValueError(f"config must be a VMSANet config (name 'vmsanet'), got {config!r:.80}")
+        f = [int(c) for c in config["filters"]]
+        kinds, given = dict(config.get("task_kinds") or {}), dict(heads or {})
+        tasks: Dict[str, Union[int, nn.Module]] = {}
+        for name, head in config["tasks"].items():
+            if name in given:
+                tasks[name] = given[name]
+            elif name in kinds:
+                tasks[name] = task_head(Task(name, kinds[name][0], int(kinds[name][1])), f[0])
+            elif isinstance(head, int):
+                tasks[name] = head
+            else:
+                raise ValueError(f"task {name!r} had a custom head ({head}): pass it in heads={{{name!r}: module}}")
+        if config.get("cross_task_module") and cross_task is None:
+            raise ValueError(f"the model had a custom cross-task module ({config.get('cross_task')}): pass it as "
+                             "cross_task=")
+        model = cls(tasks, config["in_channels"], f, use_cacm=config["use_cacm"], use_vmsm=config["use_vmsm"],
+                    vmsm_fusion=config["vmsm_fusion"], vmsm_rates=config["vmsm_rates"],
+                    cacm_reduction=config["cacm_reduction"],
+                    cross_task=cross_task if config.get("cross_task_module") else config.get("cross_task"),
+                    cross_task_options=config.get("cross_task_options"),
+                    cross_task_stage=config.get("cross_task_stage", 4))
+        if kinds:
+            model.config["task_kinds"] = {k: list(v) for k, v in kinds.items()}
+        return model
 
     @staticmethod
     def _check_args(tasks, filters, stage) -> None:
@@ -228,8 +288,8 @@ class VMSANet(nn.Module):
                 raise ValueError(f"task {name!r}: give output channels (int >= 1) or a head module, got {head!r}")
         if len(filters) != 5 or any(int(c) < 1 for c in filters):
             raise ValueError(f"filters must be five positive widths, got {tuple(filters)}")
-        if not 0 <= int(stage) <= 4:
-            raise ValueError(f"cross_task_stage must be a decoder step 0..4, got {stage}")
+        if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 4:
+            raise ValueError(f"cross_task_stage must be a decoder step 0..4 (an int), got {stage!r}")
 
     def _build_shared(self, cin: int, f: List[int]) -> None:
         def block(c: int, n: int) -> nn.Module:
@@ -257,9 +317,35 @@ class VMSANet(nn.Module):
     def size_multiple(self) -> int:
         return 2 ** self.levels
 
+    def cross_task_shapes(self, image_size: Sequence[int]) -> List[tuple]:
+        """The shapes ``[1, C, h, w]`` of the T task features the cross-task module sees for
+        ``image_size`` (H, W) inputs (h = H / 2^(4 − stage))."""
+        div = 2 ** (4 - self.cross_task_stage)
+        c = self.decoder_channels(self.cross_task_stage, self.filters)
+        return [(1, c, int(image_size[0]) // div, int(image_size[1]) // div)] * len(self.task_names)
+
+    @torch.no_grad()
+    def check_cross_task(self, image_size: Sequence[int]) -> None:
+        """Run the cross-task module once on zero features of the shapes ``image_size`` inputs
+        give (batch 1), so bad options (e.g. KEM's ``topk`` above the tasks' token count) raise
+        ValueError here, before any training; nothing without a module."""
+        if self.cross_task is None:
+            return
+        shapes = self.cross_task_shapes(image_size)
+        p = next(self.cross_task.parameters(), None)
+        feats = [torch.zeros(s, dtype=p.dtype if p is not None else torch.float32,
+                             device=p.device if p is not None else None) for s in shapes]
+        try:
+            self.cross_task(feats)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"cross_task at decoder stage {self.cross_task_stage} (T = {len(shapes)} tasks of "
+                             f"{shapes[0][2]}×{shapes[0][3]} = {shapes[0][2] * shapes[0][3]} tokens, C = "
+                             f"{shapes[0][1]}): {exc}") from None
+
 
     def shared_parameters(self) -> List[nn.Parameter]:
-        """Everything but the task attention masks and heads (the MTL methods' shared set)."""
+        """Everything but the task attention masks and heads (the MTL methods' shared set),
+        the cross-task module included."""
         own = {id(p) for ps in self.task_parameters() for p in ps}
         return [p for p in self.parameters() if id(p) not in own and p.requires_grad]
 
@@ -323,6 +409,34 @@ class VMSANet(nn.Module):
                 if len(feats) != len(self.task_names):
                     raise ValueError(f"cross_task returned {len(feats)} features for {len(self.task_names)} tasks")
         return feats
+
+
+def _cross_task_kind(cross_task, options) -> tuple:
+    """(kind or None, options dict) of the ``cross_task`` argument; ValueError for bad ones."""
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"cross_task_options must be a mapping of keyword options, got {options!r}")
+    options = dict(options or {})
+    if isinstance(cross_task, nn.Module):
+        if options:
+            raise ValueError("cross_task_options configure a cross_task kind; a module is passed built")
+        return None, options
+    if cross_task in (None, False, "none"):
+        if options:
+            raise ValueError(f"cross_task_options {sorted(options)} given without a cross_task kind")
+        return None, options
+    if cross_task not in CROSS_TASK_KINDS:
+        raise ValueError(f"cross_task must be None, a module or one of {CROSS_TASK_KINDS}, got {cross_task!r}")
+    return cross_task, options
+
+
+def _fusion(kind: str, dim: int, options: Dict) -> CrossTaskFusion:
+    """CrossTaskFusion(kind, dim, **options) with bad or unknown options as ValueError."""
+    try:
+        return CrossTaskFusion(kind, dim, **options)
+    except TypeError as exc:
+        raise ValueError(f"cross_task_options for {kind!r}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"cross_task_options for {kind!r} (dim {dim}): {exc}") from None
 
 
 def count_parameters(module: nn.Module) -> int:

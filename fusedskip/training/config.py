@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -33,7 +35,12 @@ DEFAULTS: Dict[str, Any] = {
     "eval_every": 1, "progress": True, "figures": True, "deterministic": False, "quiet": False, "threads": None,
     # any-task training (dense models): task names (None: the dataset's tasks), single-task baselines for Δm
     "tasks": None, "baselines": None, "num_classes": None,
+    # speed: autocast ("none", "bf16", "fp16": fp16 with a GradScaler), channels_last model and batches,
+    # torch.compile of the training model (False, or a torch.compile backend name; True = "inductor")
+    "amp": "none", "channels_last": False, "compile": False,
 }
+
+AMP_DTYPES: Dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_config(overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -46,6 +53,32 @@ def make_config(overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         else:
             cfg[k] = v
     return cfg
+
+
+def amp_dtype(name) -> Optional[torch.dtype]:
+    """The autocast dtype of ``cfg["amp"]`` (None: full precision); UsageError for another name."""
+    key = "none" if name in (None, False) else str(name).lower()
+    if key not in AMP_DTYPES:
+        raise UsageError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {name!r}")
+    return AMP_DTYPES[key]
+
+
+def compile_backend(value, device_type: str = "cpu") -> Optional[str]:
+    """The torch.compile backend of ``cfg["compile"]``: None (off) for False/None/"none", "inductor"
+    for True, else the backend name, checked against ``torch.compiler.list_backends``. Inductor on
+    the CPU compiles C++: UsageError up front when no C++ compiler is on the PATH."""
+    if value in (None, False) or (isinstance(value, str) and value.lower() in ("", "none", "false", "off")):
+        return None
+    name = "inductor" if value is True or (isinstance(value, str) and value.lower() == "true") else str(value)
+    known = torch.compiler.list_backends(exclude_tags=())
+    if name not in known:
+        raise UsageError(f"--compile: unknown torch.compile backend {name!r} (one of {', '.join(sorted(known))})")
+    if name == "inductor" and device_type == "cpu":
+        candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in candidates):
+            raise UsageError("--compile: torch.compile's inductor backend needs a C++ compiler on the CPU and none "
+                             "was found ($CXX, g++, c++, clang++); install one or pass --compile aot_eager")
+    return name
 
 
 def make_scheduler(optimizer, cfg: Dict[str, Any]):

@@ -5,6 +5,13 @@ into inputs and targets (noise drawn for the whole global batch from a generator
 shares, so N processes see exactly what one would), forward, one loss per task, the multi-task
 method's backward (default: fixed weights), optimizer step. Checkpoints, resume, signals, the
 metrics JSON and DDP are as described in :mod:`fusedskip.train`.
+
+Speed options: ``amp`` autocasts the forward and the losses (bf16, or fp16 with a GradScaler whose
+scale is handed to the multi-task method's ``backward``: the gradient methods' weights do not
+depend on a common scale of the task gradients; gradients are unscaled before ``grad_clip``; the
+scaler's state is checkpointed). ``channels_last`` converts the model and the input batches;
+``compile`` runs the (DDP-wrapped) model through ``torch.compile``; the raw model is what is
+evaluated and checkpointed. Evaluation runs in full precision.
 """
 from __future__ import annotations
 
@@ -39,11 +46,21 @@ from .common import (
     set_rng_state,
     write_json,
 )
-from .config import load_method_state, make_config, make_method, make_scheduler, method_state
+from .config import (
+    amp_dtype,
+    compile_backend,
+    load_method_state,
+    make_config,
+    make_method,
+    make_scheduler,
+    method_state,
+)
 from .distributed import DistInfo, configure_threads, convert_batchnorm_for_ddp, resolve_device, setup_distributed
 from .problems import make_problem
 
-RESUME_IGNORED = {"resume", "overwrite", "out", "progress", "quiet", "threads", "device", "figures", "backend"}
+# Options a resumed run may change without a note (they change speed or output, not the run's numbers).
+RESUME_IGNORED = {"resume", "overwrite", "out", "progress", "quiet", "threads", "device", "figures", "backend",
+                  "compile", "channels_last"}
 
 
 def run_training(cfg: Dict[str, Any], *, log: Optional[Callable[[str], None]] = None,
@@ -96,6 +113,7 @@ class Run:
         self.device = resolve_device(cfg["device"], info)
         if self.device.type == "cpu":
             configure_threads(cfg["threads"])
+        self._speed_options()
         if cfg["deterministic"]:
             torch.use_deterministic_algorithms(True)
         if cfg["ssim_impl"] not in SSIM_IMPLEMENTATIONS:
@@ -111,6 +129,33 @@ class Run:
         self._build_model()
         self._build_optimisation()
         self._restore_or_start()
+
+    def _speed_options(self) -> None:
+        """Check --amp and --compile against the device (UsageError naming the flag, before any work)."""
+        cfg, kind = self.cfg, self.device.type
+        self.amp_dtype = amp_dtype(cfg["amp"])
+        if self.amp_dtype is not None:
+            if not torch.amp.is_autocast_available(kind):
+                raise UsageError(f"--amp {cfg['amp']}: torch has no autocast for device type {kind!r}")
+            if self.amp_dtype is torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
+                raise UsageError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
+        self.compile_backend = compile_backend(cfg["compile"], kind)
+        self.channels_last = bool(cfg["channels_last"])
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_format(self, x):
+        """Input batches in channels_last (4-D tensors, also inside tuples/lists) when asked."""
+        if not self.channels_last:
+            return x
+        if isinstance(x, torch.Tensor):
+            return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._to_format(v) for v in x)
+        return x
 
     def _find_resume(self) -> Optional[Dict[str, Any]]:
         cfg, last_path = self.cfg, self.last_path
@@ -146,11 +191,16 @@ class Run:
             init = load_checkpoint(cfg["init_from"])
             load_weights(model, init["model"], f"--init-from {init['_path']!r}")
         model.to(self.device)
-        self.train_model: nn.Module = model
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.ddp_model: nn.Module = model  # what the method's ddp_context sees (DDP, never the compiled wrapper)
         if self.info.active:
             model = convert_batchnorm_for_ddp(model, self.device, self.say)
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-            self.train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+            self.ddp_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        self.train_model: nn.Module = self.ddp_model
+        if self.compile_backend is not None:
+            self.train_model = torch.compile(self.ddp_model, backend=self.compile_backend)
         self.model = model
 
     def _build_optimisation(self) -> None:
@@ -160,6 +210,13 @@ class Run:
         params = list(self.model.parameters()) + list(self.method.extra_parameters())
         self.optimizer = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.scaler = None
+        if self.amp_dtype is torch.float16:
+            try:
+                self.scaler = torch.amp.GradScaler(self.device.type)
+            except (RuntimeError, ValueError) as exc:
+                raise UsageError(f"--amp fp16: no GradScaler for device type {self.device.type!r} ({exc})") from None
+        self.amp_skipped = 0  # optimizer steps the GradScaler skipped (inf/NaN gradients) this epoch
 
     def _fresh_sums(self) -> Dict[str, float]:
         return {**{k: 0.0 for k in self.problem.loss_keys}, "steps": 0}
@@ -175,6 +232,9 @@ class Run:
             self.optimizer.load_state_dict(resume["optimizer"])
             self.scheduler.load_state_dict(resume["scheduler"])
             load_method_state(self.method, resume.get("mtl") or {})
+            if self.scaler is not None and resume.get("scaler"):
+                self.scaler.load_state_dict(resume["scaler"])
+            self.amp_skipped = int(resume.get("amp_skipped", 0))
             self.history = resume["history"]
             self.start_epoch, self.start_step = int(resume["epoch"]), int(resume["step_in_epoch"])
             self.global_step = int(resume["global_step"])
@@ -185,12 +245,19 @@ class Run:
             self.say(f"resumed {self.last_path} at epoch {self.start_epoch + 1}, step {self.start_step}")
         if self.info.is_main and not self.quiet:
             self.say(problem.describe(self.model, self.method, self.device, self.info, self.label)
-                     + f"; backend {_backend.get_backend()}")
+                     + f"; backend {_backend.get_backend()}" + self._speed_text())
         if not self.history["epochs"] and resume is None:
             problem.init_history(self.history, self.model)
         self.result: Dict[str, Any] = {
             "config": jsonable(self.cfg), "model_config": self.model.config, "dataset": problem.data.describe(),
             "dataset_notes": problem.data.notes, "world_size": self.info.world, "history": self.history}
+
+    def _speed_text(self) -> str:
+        parts = [f"amp {self.cfg['amp']}" + (" + GradScaler" if self.scaler is not None else "")
+                 if self.amp_dtype is not None else "",
+                 "channels_last" if self.channels_last else "",
+                 f"torch.compile ({self.compile_backend})" if self.compile_backend else ""]
+        return "".join(f"; {p}" for p in parts if p)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint(self, epoch: int, step_in_epoch: int) -> None:
@@ -203,6 +270,7 @@ class Run:
             "step_in_epoch": step_in_epoch, "global_step": self.global_step, "epoch_sums": dict(self.epoch_sums),
             "noise_rng": self.noise_gen.get_state(), "rng": rng_state(), "history": self.history, "best": self.best,
             "fusedskip_version": _version(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "amp_skipped": self.amp_skipped,
         }
         save_checkpoint(state, self.last_path)
 
@@ -264,15 +332,17 @@ class Run:
         inputs, targets = problem.train_batch(gbatch[sl], len(gbatch), sl, self.noise_gen, device)
         # Gradient MTL methods average per-task gradients themselves: no DDP sync then.
         method = self.method
-        ddp_ctx = method.ddp_context(self.train_model) if hasattr(method, "ddp_context") else contextlib.nullcontext()
+        ddp_ctx = method.ddp_context(self.ddp_model) if hasattr(method, "ddp_context") else contextlib.nullcontext()
         with ddp_ctx:
-            outputs = self.train_model(inputs)
-            losses = problem.losses(outputs, targets, device)
+            with self._autocast():
+                outputs = self.train_model(self._to_format(inputs))
+                losses = [loss.float() for loss in problem.losses(outputs, targets, device)]
             self.optimizer.zero_grad(set_to_none=True)
-            method.backward(losses)
-        if self.cfg["grad_clip"]:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
-        self.optimizer.step()
+            if self.scaler is None:
+                method.backward(losses)
+            else:
+                method.backward(losses, scaler=self.scaler)
+        self._optimizer_step()
         self.global_step += 1
         stop_now = stop.requested or (self.interrupt_after_steps is not None
                                       and self.global_step >= self.interrupt_after_steps)
@@ -290,6 +360,24 @@ class Run:
         self.history["steps"].append(problem.step_row(self.global_step, values))
         return values, stop_v > 0
 
+    def _optimizer_step(self) -> None:
+        """Clip (after unscaling) and step; with a GradScaler, a step with inf/NaN gradients is
+        skipped (and counted) and the scale backs off."""
+        scaler, clip = self.scaler, self.cfg["grad_clip"]
+        if scaler is None:
+            if clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+            return
+        if clip:
+            scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        before = scaler.get_scale()
+        scaler.step(self.optimizer)
+        scaler.update()
+        if scaler.get_scale() < before:
+            self.amp_skipped += 1
+
     def _eval_batch(self) -> int:
         return max(self.cfg["batch_size"] // self.info.world, 64)
 
@@ -300,6 +388,9 @@ class Run:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         record = problem.epoch_record(epoch, avg, self.model, self.method, lr)
+        if self.scaler is not None:
+            record.update(amp_skipped_steps=self.amp_skipped, grad_scale=self.scaler.get_scale())
+            self.amp_skipped = 0
         if info.active:  # evaluate and checkpoint with rank 0's BatchNorm running statistics
             for buf in self.model.buffers():
                 dist.broadcast(buf, 0)

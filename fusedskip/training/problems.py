@@ -73,6 +73,32 @@ def make_problem(cfg: Dict[str, Any], data=None):
     return DenoiseClassifyProblem(cfg, data)
 
 
+def _cross_task_keys(model_cfg: Dict[str, Any]):
+    """(kind or None, options dict or None) from the model config's ``cross_task`` and
+    ``cross_task_options`` (UsageError for a bad kind or options that are not a mapping)."""
+    from ..mtl.kem import CROSS_TASK_KINDS
+
+    kind, options = model_cfg.get("cross_task"), model_cfg.get("cross_task_options")
+    kind = None if kind in (None, False, "none") else kind
+    if kind is not None and kind not in CROSS_TASK_KINDS:
+        raise UsageError(f"--cross-task must be one of {', '.join(CROSS_TASK_KINDS)}, got {kind!r}")
+    if options is not None and not isinstance(options, dict):
+        raise UsageError(f"--cross-task-options must be a mapping of keyword options, got {options!r}")
+    if kind is None and options:
+        raise UsageError(f"--cross-task-options {sorted(options)} given without --cross-task (a kind other than none)")
+    return kind, (dict(options or {}) if kind is not None else None)
+
+
+def _check_cross_task(model, image_size) -> None:
+    """The model's cross-task module run once at the training images' size (UsageError)."""
+    check = getattr(model, "check_cross_task", None)  # models without the option (DnCNN) have none
+    try:
+        if check is not None:
+            check(image_size)
+    except ValueError as exc:
+        raise UsageError(f"model: {exc}") from None
+
+
 def _model_size_check(size, multiple: int, what: str, hint: str) -> None:
     if size[0] % multiple or size[1] % multiple:
         raise UsageError(f"{what} images are {size[0]}×{size[1]}; {hint} needs sizes divisible by {multiple}")
@@ -114,14 +140,26 @@ class DenoiseClassifyProblem:
             self.tasks.append(Task("cls", "classify", self.num_classes, target="labels"))
 
     def build_model(self, cfg: Dict[str, Any]) -> nn.Module:
+        """The model of ``cfg["model"]``; ``cross_task`` / ``cross_task_options`` put a cross-task
+        module between the denoising and classification branches (AddUNet docstring)."""
         model_cfg = dict(cfg["model"])
         model_cfg.update(in_channels=self.data.channels, num_classes=self.num_classes)
+        kind, options = _cross_task_keys(model_cfg)
+        if model_cfg.pop("cross_task_stage", None) is not None and kind is not None:
+            raise UsageError("--cross-task-stage applies to VMSANet: AddUNet's cross-task module always sits "
+                             "between its first decoder step and the classifier's deep features")
+        if kind is not None:
+            if not self.num_classes:
+                raise UsageError(f"--cross-task {kind} exchanges features between the denoising and classification "
+                                 "branches: it needs joint training (--task joint / auto on a labelled dataset)")
+            model_cfg.update(cross_task=kind, cross_task_options=options)
         try:
             model = build_model(model_cfg)
         except ValueError as exc:
             raise UsageError(f"model: {exc}") from None
         _model_size_check(self.data.train.image_size, model.size_multiple, self.data.name,
                           f"the {model.variant} model of depth {model.depth} (change --size or --depth)")
+        _check_cross_task(model, self.data.train.image_size)
         return model
 
     def describe(self, model, method, device, info, label: str) -> str:
@@ -283,14 +321,22 @@ class DenseProblem:
         opts = {k: cfg["model"].get(k, v) for k, v in VMSANET_DEFAULTS.items()}
         width = int(cfg["model"].get("width") or 64)
         filters = opts["filters"] or [width, 2 * width, 4 * width, 8 * width, 8 * width]
+        kind, options = _cross_task_keys(cfg["model"])
+        stage = cfg["model"].get("cross_task_stage")
+        stage = 4 if stage is None else stage
+        if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 4:
+            raise UsageError(f"--cross-task-stage must be a decoder step 0..4 (0 deepest, 4 full resolution), "
+                             f"got {stage!r}")
         try:
             model = VMSANet({t.name: task_head(t, int(filters[0])) for t in self.tasks}, self.data.channels,
                             filters, use_cacm=bool(opts["use_cacm"]), use_vmsm=bool(opts["use_vmsm"]),
-                            vmsm_fusion=opts["vmsm_fusion"], cacm_reduction=int(opts["cacm_reduction"]))
+                            vmsm_fusion=opts["vmsm_fusion"], cacm_reduction=int(opts["cacm_reduction"]),
+                            cross_task=kind, cross_task_options=options, cross_task_stage=stage)
         except ValueError as exc:
             raise UsageError(f"model: {exc}") from None
         model.config["task_kinds"] = {t.name: [t.kind, t.out_channels] for t in self.tasks}
         _model_size_check(self.data.train.image_size, model.size_multiple, self.data.name, "VMSANet (5 poolings)")
+        _check_cross_task(model, self.data.train.image_size)
         return model
 
     def describe(self, model, method, device, info, label: str) -> str:
