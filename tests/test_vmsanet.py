@@ -267,3 +267,24 @@ def test_fused_and_reference_backends_agree():
         torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-3)
     for u, v in zip(sa.values(), sb.values()):
         torch.testing.assert_close(u.float(), v.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_residual_task_returns_input_minus_head_and_round_trips():
+    """A residual (denoising) task outputs x − head(features): with the head's last conv zeroed the
+    output is the input itself; the choice survives from_config; bad names and shapes are refused."""
+    torch.manual_seed(0)
+    net = VMSANet({"seg": 3, "denoise": 1}, 1, filters=(2, 4, 4, 8, 8), use_cacm=False, use_vmsm=False,
+                  residual_tasks=["denoise"])
+    last = net.heads["denoise"][-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    x = torch.rand(2, 1, 32, 32)
+    out = net.eval()(x)
+    assert torch.equal(out["denoise"], x) and out["seg"].shape == (2, 3, 32, 32)
+    again = VMSANet.from_config(net.config)
+    assert again.residual_tasks == ("denoise",) and net.config["residual_tasks"] == ["denoise"]
+    assert "residual_tasks" not in VMSANet({"seg": 3}, 1, filters=(2, 4, 4, 8, 8)).config
+    with pytest.raises(ValueError, match="residual_tasks names tasks"):
+        VMSANet({"seg": 3}, 1, filters=(2, 4, 4, 8, 8), residual_tasks=["denoise"])
+    with pytest.raises(ValueError, match="residual task 'seg'"):
+        VMSANet({"seg": 3}, 1, filters=(2, 4, 4, 8, 8), residual_tasks=["seg"])(x)

@@ -188,6 +188,9 @@ class VMSANet(nn.Module):
             (``"kem"``, ``"stable_kem"``, ``"cross_attention"``) or a module (module docstring).
         cross_task_options: keyword options of that kind's module (a kind string only).
         cross_task_stage: decoder step 0..4 after which the module runs.
+        residual_tasks: tasks whose head predicts the residual of the input (image restoration:
+            ``output = x − head(features)``, so an untrained head returns the noisy input rather
+            than a grey field); their heads must have ``in_channels`` outputs.
     """
 
     levels = 5
@@ -196,9 +199,13 @@ class VMSANet(nn.Module):
                  filters: Sequence[int] = MTAN_FILTERS, use_cacm: bool = True, use_vmsm: bool = True,
                  vmsm_fusion: str = "released", vmsm_rates: Sequence[int] = VMSM_RATES, cacm_reduction: int = 16,
                  cross_task: Union[None, str, nn.Module] = None, cross_task_options: Optional[Mapping] = None,
-                 cross_task_stage: int = 4):
+                 cross_task_stage: int = 4, residual_tasks: Sequence[str] = ()):
         super().__init__()
         self._check_args(tasks, filters, cross_task_stage)
+        unknown = [t for t in residual_tasks if t not in tasks]
+        if unknown:
+            raise ValueError(f"residual_tasks names tasks the model does not have: {unknown}")
+        self.residual_tasks = tuple(residual_tasks)
         kind, options = _cross_task_kind(cross_task, cross_task_options)
         f = [int(c) for c in filters]
         self.filters, self.task_names = tuple(f), list(tasks)
@@ -235,6 +242,8 @@ class VMSANet(nn.Module):
                        "vmsm_rates": [int(r) for r in vmsm_rates], "cacm_reduction": int(cacm_reduction),
                        "cross_task": type(cross_task).__name__ if isinstance(cross_task, nn.Module) else kind,
                        "cross_task_stage": int(cross_task_stage)}
+        if self.residual_tasks:  # only when used: configs without it stay as they were
+            self.config["residual_tasks"] = list(self.residual_tasks)
         if kind is not None and not isinstance(cross_task, nn.Module):
             self.config["cross_task_options"] = options
         elif isinstance(cross_task, nn.Module):
@@ -272,7 +281,8 @@ class VMSANet(nn.Module):
                     cacm_reduction=config["cacm_reduction"],
                     cross_task=cross_task if config.get("cross_task_module") else config.get("cross_task"),
                     cross_task_options=config.get("cross_task_options"),
-                    cross_task_stage=config.get("cross_task_stage", 4))
+                    cross_task_stage=config.get("cross_task_stage", 4),
+                    residual_tasks=config.get("residual_tasks", ()))
         if kinds:
             model.config["task_kinds"] = {k: list(v) for k, v in kinds.items()}
         return model
@@ -361,7 +371,13 @@ class VMSANet(nn.Module):
         first, post, ups, decs = self._shared(x)
         feats = self._encoder_attention(first, post)
         feats = self._decoder_attention(feats, ups, decs)
-        return {t: self.heads[t](feat) for t, feat in zip(self.task_names, feats)}
+        out = {t: self.heads[t](feat) for t, feat in zip(self.task_names, feats)}
+        for t in self.residual_tasks:
+            if out[t].shape != x.shape:
+                raise ValueError(f"residual task {t!r}: its head gives {tuple(out[t].shape)}, the input is "
+                                 f"{tuple(x.shape)}")
+            out[t] = x - out[t]
+        return out
 
     def _shared(self, x: torch.Tensor):
         first, post, indices = [], [], []

@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
-import platform
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import stats as st
-from .runs import DataSpec, RunSpec, run_all, seeds_of
+from .runs import DataSpec, RunSpec, device_text, parse_study_args, run_all, seeds_of, write_study
 
 SIGMAS = (15.0, 25.0, 50.0)
 TRAIN_SIGMA = (0.0, 55.0)  # blind training range: covers every evaluated σ
@@ -309,18 +307,9 @@ def _gate_table(groups: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None, prog: str = "fusedskip study addunet", log=print) -> int:
-    from ..train import UsageError, ensure_writable_dir, write_json
     from .report import markdown
 
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    problem = check_args(args)
-    if problem:
-        parser.error(problem)
-    try:
-        out = ensure_writable_dir(args.out)
-    except UsageError as exc:
-        parser.exit(2, f"{prog}: error: {exc}\n")
+    args, out = parse_study_args(build_parser(prog), check_args, argv, prog)
     t0 = time.time()
     specs = plan(args)
     log(f"study: {len(specs)} runs ({args.seeds} seeds), width {args.width}, depth {args.depth}, "
@@ -331,21 +320,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "fusedskip study addu
     import torch
 
     report = {"settings": {k: v for k, v in vars(args).items()}, "train_sigma": list(TRAIN_SIGMA),
-              "device": _device_text(args.device, torch), "torch": torch.__version__,
+              "device": device_text(args.device), "torch": torch.__version__,
               "seconds": time.time() - t0, "classical": classical, **analysis,
               "runs": {k: {kk: vv for kk, vv in r.items() if kk not in ("fingerprint", "den_loss_curve")}
                        for k, r in results.items()}}
-    write_json(report, os.path.join(out, "study_addunet.json"))
-    text = markdown(report)
-    from ..train import atomic_write_bytes
-
-    atomic_write_bytes(os.path.join(out, "study_addunet.md"), lambda f: f.write(text.encode()))
-    log("\n" + text)
-    log(f"wrote {out}/study_addunet.md and study_addunet.json ({report['seconds'] / 60:.1f} min)")
+    write_study(out, "study_addunet", report, markdown(report), log)
     return 0
-
-
-def _device_text(device: str, torch) -> str:
-    if device != "cpu" and torch.cuda.is_available():
-        return "GPU " + torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores visible)"

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import stats as st
-from .runs import DataSpec, RunSpec, run_all, seeds_of
+from .runs import DataSpec, RunSpec, device_text, parse_study_args, run_all, seeds_of, write_study
 
 TASKS = ("seg", "cls_left", "cls_right", "denoise")
 CROSS_KINDS = ("cross_attention", "kem", "stable_kem")
@@ -341,17 +340,7 @@ def markdown(r: Dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None, prog: str = "fusedskip study mtl", log=print) -> int:
-    from ..train import UsageError, atomic_write_bytes, ensure_writable_dir, write_json
-
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    problem = check_args(args)
-    if problem:
-        parser.error(problem)
-    try:
-        out = ensure_writable_dir(args.out)
-    except UsageError as exc:
-        parser.exit(2, f"{prog}: error: {exc}\n")
+    args, out = parse_study_args(build_parser(prog), check_args, argv, prog)
     t0 = time.time()
     specs = plan(args)
     log(f"study mtl: {len(specs)} runs ({len(args.archs)} architectures × {len(args.methods)} methods × "
@@ -360,16 +349,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "fusedskip study mtl"
     results = run_all(specs, base_config(args), out, jobs=args.jobs, log=log)
     import torch
 
-    from .addunet import _device_text
-
     report = {"settings": json.loads(json.dumps(vars(args))), "tasks": list(TASKS),
-              "device": _device_text(args.device, torch), "torch": torch.__version__,
+              "device": device_text(args.device), "torch": torch.__version__,
               "seconds": time.time() - t0, **analyse(results),
               "runs": {k: {kk: vv for kk, vv in r.items() if kk not in ("fingerprint", "loss_curves")}
                        for k, r in results.items()}}
-    write_json(report, os.path.join(out, "study_mtl.json"))
-    text = markdown(report)
-    atomic_write_bytes(os.path.join(out, "study_mtl.md"), lambda f: f.write(text.encode()))
-    log("\n" + text)
-    log(f"wrote {out}/study_mtl.md and study_mtl.json ({report['seconds'] / 60:.1f} min)")
+    write_study(out, "study_mtl", report, markdown(report), log)
     return 0

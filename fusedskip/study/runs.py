@@ -282,3 +282,40 @@ def seeds_of(results: Dict[str, Dict[str, Any]], prefix: str) -> Tuple[List[str]
     """The runs ``prefix/s<seed>`` in seed order."""
     keys = sorted((k for k in results if k.rsplit("/", 1)[0] == prefix), key=lambda k: results[k]["seed"])
     return keys, [results[k] for k in keys]
+
+
+# ----------------------------------------------------------------------------------------------
+# What every study's command does around its runs
+# ----------------------------------------------------------------------------------------------
+def parse_study_args(parser, check_args, argv, prog: str):
+    """Parse and check a study's options and create its output folder: ``(args, out)``; bad
+    options end with ``prog: error: ...`` and exit status 2 before any work."""
+    from ..train import UsageError, ensure_writable_dir
+
+    args = parser.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)
+    try:
+        return args, ensure_writable_dir(args.out)
+    except UsageError as exc:
+        parser.exit(2, f"{prog}: error: {exc}\n")
+
+
+def device_text(device: str) -> str:
+    """The device a study ran on, in words (for its report)."""
+    import platform
+
+    if device != "cpu" and torch.cuda.is_available():
+        return "GPU " + torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores visible)"
+
+
+def write_study(out: str, stem: str, report: Dict[str, Any], text: str, log) -> None:
+    """``OUT/<stem>.json`` and ``OUT/<stem>.md``, each written atomically, then the table to ``log``."""
+    from ..train import atomic_write_bytes, write_json
+
+    write_json(report, os.path.join(out, f"{stem}.json"))
+    atomic_write_bytes(os.path.join(out, f"{stem}.md"), lambda f: f.write(text.encode()))
+    log("\n" + text)
+    log(f"wrote {out}/{stem}.md and {stem}.json ({report['seconds'] / 60:.1f} min)")

@@ -22,6 +22,7 @@ MODEL_DEFAULTS: Dict[str, Any] = {
 # VMSANet model keys (``cfg["model"]`` with ``name="vmsanet"``); ``filters`` None = width × (1, 2, 4, 8, 8).
 VMSANET_DEFAULTS: Dict[str, Any] = {
     "filters": None, "use_cacm": True, "use_vmsm": True, "vmsm_fusion": "released", "cacm_reduction": 16,
+    "residual_denoise": True,  # a denoise task's head predicts the noise: output = noisy input − head
 }
 
 DEFAULTS: Dict[str, Any] = {

@@ -331,7 +331,9 @@ class DenseProblem:
             model = VMSANet({t.name: task_head(t, int(filters[0])) for t in self.tasks}, self.data.channels,
                             filters, use_cacm=bool(opts["use_cacm"]), use_vmsm=bool(opts["use_vmsm"]),
                             vmsm_fusion=opts["vmsm_fusion"], cacm_reduction=int(opts["cacm_reduction"]),
-                            cross_task=kind, cross_task_options=options, cross_task_stage=stage)
+                            cross_task=kind, cross_task_options=options, cross_task_stage=stage,
+                            residual_tasks=[t.name for t in self.tasks if t.kind == "denoise"]
+                            if opts["residual_denoise"] else ())
         except ValueError as exc:
             raise UsageError(f"model: {exc}") from None
         model.config["task_kinds"] = {t.name: [t.kind, t.out_channels] for t in self.tasks}
