@@ -30,13 +30,15 @@ _GELU_TANH_C = tl.constexpr(0.044715)
 
 @triton.jit
 def _tanh(x):
-    # tanh through the sigmoid keeps to core tl ops (libdevice paths moved between Triton versions).
+    """tanh(x) elementwise, as 2·sigmoid(2x) − 1: core tl ops only (libdevice paths moved between
+    Triton versions). A device helper: no grid, no pointers."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
 def _softplus(x):
-    # log(1 + e^x) without overflow: x + log(1 + e^-x) for x > 0 (torch's threshold 20 gives the same in fp32).
+    """log(1 + e^x) elementwise without overflow: max(x, 0) + log(1 + e^−|x|) (torch's threshold 20
+    gives the same in fp32). A device helper: no grid, no pointers."""
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 

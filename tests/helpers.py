@@ -64,3 +64,15 @@ def poisoned_empty() -> Iterator[None]:
         yield
     finally:
         torch.empty, torch.empty_like, torch.empty_strided = real_empty, real_empty_like, real_empty_strided
+
+
+def run_cli(capsys, *argv):
+    """Run ``fusedskip ARGV...`` in-process: (exit status, stdout, stderr)."""
+    from fusedskip import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

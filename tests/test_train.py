@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_cli
 
 from fusedskip import cli
 from fusedskip.data import load_dataset
@@ -119,13 +120,6 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def run_cli(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 FAST = ["--limit", "32", "--batch-size", "16", "--epochs", "1", "--width", "4", "--depth", "2", "--no-progress",

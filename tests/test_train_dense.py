@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
+from helpers import run_cli
 
-from fusedskip import cli
 from fusedskip.dense_data import load_multimnist
 from fusedskip.train import Interrupted, UsageError, run_training, spawn_training
 from fusedskip.training.tasks import Task, delta_m
@@ -111,13 +111,6 @@ def test_dense_ddp_four_tasks_matches_one_process(tmp_path):
         assert value <= 4 * max(noise[key], 1e-5), (key, ddp, noise)
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_dense_cli_and_errors(tmp_path, capsys):

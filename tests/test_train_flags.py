@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import run_cli
 from torch import nn
 
 from fusedskip import cli
@@ -34,13 +35,6 @@ def tiny(out, **kw):
     return dict(TINY, out=str(out), **kw)
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 class ConvSpy:
