@@ -56,7 +56,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..mtl.kem import CROSS_TASK_KINDS, CrossTaskFusion
+from ..mtl.kem import CROSS_TASK_KINDS, build_cross_task
 from .blocks import ConvBlock, Upsample, conv_norm_act, gated_skip_of, make_down, make_fuse, normalise_norm, per_level
 from .dncnn import DnCNN
 
@@ -180,7 +180,7 @@ class AddUNet(nn.Module):
         else:
             self.classifier = None
         # built last: the model above draws the same initial weights with or without it
-        self.cross_task = None if cross_task is None else _fusion(cross_task, widths[-1], cross_task_options)
+        self.cross_task = None if cross_task is None else build_cross_task(cross_task, widths[-1], cross_task_options)
         # JSON-able constructor arguments: rebuild with build_model(model.config).
         frame = inspect.currentframe()
         args = {name: frame.f_locals[name] for name in inspect.signature(AddUNet.__init__).parameters if name != "self"}
@@ -405,16 +405,6 @@ def _check_cross_task(kind, options, num_classes: int):
         raise ValueError(f"cross_task={kind!r} exchanges features between the denoising and classification "
                          "branches: it needs a classifier (num_classes >= 2, joint training)")
     return kind, dict(options or {})
-
-
-def _fusion(kind: str, dim: int, options: Dict[str, Any]) -> CrossTaskFusion:
-    """CrossTaskFusion(kind, dim, **options) with bad or unknown options as ValueError."""
-    try:
-        return CrossTaskFusion(kind, dim, **options)
-    except TypeError as exc:
-        raise ValueError(f"cross_task_options for {kind!r}: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"cross_task_options for {kind!r} (dim {dim}): {exc}") from None
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect"):

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..mtl.kem import CROSS_TASK_KINDS, CrossTaskFusion
+from ..mtl.kem import CROSS_TASK_KINDS, build_cross_task
 from ..ops.conv_norm_act import ConvNormAct
 
 MTAN_FILTERS = (64, 128, 256, 512, 512)
@@ -235,7 +235,7 @@ class VMSANet(nn.Module):
         elif kind is None:
             self.cross_task = None
         else:
-            self.cross_task = _fusion(kind, self.decoder_channels(self.cross_task_stage, f), options)
+            self.cross_task = build_cross_task(kind, self.decoder_channels(self.cross_task_stage, f), options)
         self.config = {"name": "vmsanet", "in_channels": int(in_channels), "filters": f,
                        "tasks": {t: h if isinstance(h, int) else type(h).__name__ for t, h in tasks.items()},
                        "use_cacm": self.use_cacm, "use_vmsm": self.use_vmsm, "vmsm_fusion": vmsm_fusion,
@@ -443,16 +443,6 @@ def _cross_task_kind(cross_task, options) -> tuple:
     if cross_task not in CROSS_TASK_KINDS:
         raise ValueError(f"cross_task must be None, a module or one of {CROSS_TASK_KINDS}, got {cross_task!r}")
     return cross_task, options
-
-
-def _fusion(kind: str, dim: int, options: Dict) -> CrossTaskFusion:
-    """CrossTaskFusion(kind, dim, **options) with bad or unknown options as ValueError."""
-    try:
-        return CrossTaskFusion(kind, dim, **options)
-    except TypeError as exc:
-        raise ValueError(f"cross_task_options for {kind!r}: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"cross_task_options for {kind!r} (dim {dim}): {exc}") from None
 
 
 def count_parameters(module: nn.Module) -> int:

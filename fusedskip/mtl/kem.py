@@ -470,3 +470,14 @@ class CrossTaskFusion(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
+
+
+def build_cross_task(kind: str, dim: int, options=None) -> CrossTaskFusion:
+    """``CrossTaskFusion(kind, dim, **options)`` for a model's constructor: bad or unknown options
+    become a ValueError naming ``cross_task_options`` and the kind (the models' one entry point)."""
+    try:
+        return CrossTaskFusion(kind, dim, **dict(options or {}))
+    except TypeError as exc:
+        raise ValueError(f"cross_task_options for {kind!r}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"cross_task_options for {kind!r} (dim {dim}): {exc}") from None
