@@ -1,6 +1,8 @@
 """Input validation shared by every op: clear errors that name the argument, before any launch."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,3 +46,27 @@ def check_per_channel(name: str, t, channels: int, device: torch.device, allow_s
         raise ValueError(f"{name} must have {expected} for {channels} channels, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on the activations' device {device}, got {t.device}")
+
+
+def conform_residual(x: torch.Tensor, residual: Optional[torch.Tensor], *others: Optional[torch.Tensor]):
+    """A fused module's ``residual`` made to match ``x`` as eager ``norm(x) + residual`` would:
+    broadcast to x's shape (an error naming ``residual`` if it does not broadcast to it) and both
+    in the promoted dtype (so the output dtype is eager's). ``others`` (a pre-norm skip) follow
+    x's dtype. Returns ``(x, residual, *others)``; nothing changes for a same-shape, same-dtype
+    residual (the converted ResNet blocks' case), so the fused op sees the tensors unchanged."""
+    if residual is None:
+        return (x, residual, *others)
+    check_activation("residual", residual)
+    if residual.shape != x.shape:
+        try:
+            ok = torch.broadcast_shapes(residual.shape, x.shape) == x.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"residual must broadcast to x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        residual = residual.expand(x.shape)
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    if dtype != x.dtype:
+        x = x.to(dtype)
+        others = tuple(None if t is None else t.to(dtype) for t in others)
+    return (x, residual.to(dtype), *others)

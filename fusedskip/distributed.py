@@ -10,8 +10,9 @@ statistics over the union of all ranks' batches:
   the ranks (ranks may have different batch sizes, empty ones included); running statistics are
   updated with the global unbiased variance; then the fused normalise + activation;
 * backward: the two per-channel sums Σdy' and Σdy'·x̂ are all-reduced (one all_reduce) before
-  the dx pass. dγ, dβ and the gate gradient stay local sums, as in nn.SyncBatchNorm (DDP
-  all-reduces parameter gradients).
+  the dx pass. dγ, dβ, the gate gradient and a PReLU slope's gradient stay local sums, as in
+  nn.SyncBatchNorm (DDP all-reduces parameter gradients). A residual added after the norm does
+  not enter the statistics: it is local to each rank, like the activation.
 
 The result equals ``nn.SyncBatchNorm`` followed by the activation. Unlike torch's
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` (which replaces every ``_BatchNorm`` subclass with a
@@ -38,9 +39,11 @@ from .activations import apply_activation_reference
 from .ops.batch_norm_act import (
     ActArg,
     BatchNormAct2d,
+    _act_arg,
     _batch_norm_act_triton,
     _momentum_factor,
     _validate,
+    _validate_post_norm,
     batch_norm_act,
 )
 from .ops.gated_skip import GateArg, _gated_sum_acc
@@ -152,25 +155,33 @@ def sync_batch_norm_act(
     momentum: Optional[float] = 0.1, eps: float = 1e-5, act: ActArg = "relu",
     negative_slope: Optional[float] = None, skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
     *, num_batches_tracked: Optional[torch.Tensor] = None, process_group=None,
+    residual: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`fusedskip.batch_norm_act` with batch statistics synchronised over ``process_group``
     (default: the world). Every rank of the group must call it (collectives). Arguments as
-    :func:`fusedskip.batch_norm_act`; ``training=False`` runs unsynchronised like nn.SyncBatchNorm.
-    A single value per channel is allowed on one rank as long as the ranks hold more in total.
+    :func:`fusedskip.batch_norm_act` (``residual`` and the PReLU slope ``act_weight`` included:
+    they do not enter the synchronised statistics, and the slope's gradient stays a local sum);
+    ``training=False`` runs unsynchronised like nn.SyncBatchNorm. A single value per channel is
+    allowed on one rank as long as the ranks hold more in total.
     """
     name, slope, gate_t = _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act,
                                     negative_slope, skip, gate, num_batches_tracked, single_value_check=not training)
+    act_weight = _validate_post_norm(x, name, act, residual, act_weight)
     if not training:
         return batch_norm_act(x, running_mean, running_var, weight, bias, False, momentum, eps, name, slope,
-                              skip, gate, num_batches_tracked=num_batches_tracked)
+                              skip, gate, num_batches_tracked=num_batches_tracked, residual=residual,
+                              act_weight=act_weight)
     sync = _SyncGroup(process_group)
     if backend.use_triton(x):
         return _batch_norm_act_triton(x, running_mean, running_var, weight, bias, True, momentum, eps, name, slope,
-                                      skip, gate_t, num_batches_tracked, sync)
+                                      skip, gate_t, num_batches_tracked, sync, residual=residual,
+                                      act_weight=act_weight)
     xa = _gated_sum_acc(x, skip, gate_t)
     y = _SyncBatchNormReference.apply(xa, weight, bias, running_mean, running_var,
                                       _momentum_factor(momentum, num_batches_tracked), float(eps), sync)
-    return apply_activation_reference(y, name, slope).to(x.dtype)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    return apply_activation_reference(y, name, _act_arg(name, slope, act_weight)).to(x.dtype)
 
 
 PLAIN_MODES = ("auto", "torch", "fused", "keep")

@@ -19,6 +19,7 @@ HARDSIGMOID = tl.constexpr(8)
 SIGMOID = tl.constexpr(9)
 MISH = tl.constexpr(10)      # z·tanh(softplus(z))
 ELU = tl.constexpr(11)       # alpha passed in ``slope``
+PRELU = tl.constexpr(12)     # LeakyReLU with a learned slope: ``slope`` is a per-channel tile (or scalar)
 
 # Globals read inside @triton.jit functions must be tl.constexpr: the compiler rejects plain
 # Python floats (the interpreter does not, so only a GPU compile catches it).
@@ -44,10 +45,13 @@ def _softplus(x):
 
 @triton.jit
 def activation(z, ACT: tl.constexpr, slope):
-    """act(z) for the activation ``ACT``; ``slope`` is LeakyReLU's negative slope."""
+    """act(z) for the activation ``ACT``; ``slope`` is LeakyReLU's negative slope (ELU's alpha), or
+    for PRELU the learned slope: a scalar or a tile broadcast over ``z`` (per channel)."""
     if ACT == RELU:
         return tl.where(z < 0, 0.0, z)  # NaN propagates, as F.relu
     elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, z, z * slope)
+    elif ACT == PRELU:
         return tl.where(z > 0, z, z * slope)
     elif ACT == SILU:
         return z * tl.sigmoid(z)
@@ -75,10 +79,13 @@ def activation(z, ACT: tl.constexpr, slope):
 
 @triton.jit
 def activation_grad(z, ACT: tl.constexpr, slope):
-    """d act(z) / dz, matching PyTorch's conventions (ReLU'(0) = 0, LeakyReLU'(0) = slope)."""
+    """d act(z) / dz, matching PyTorch's conventions (ReLU'(0) = 0, LeakyReLU'(0) = PReLU'(0) = slope).
+    PRELU's slope gradient, Σ dy·min(z, 0), is the caller's reduction (:func:`prelu_slope_grad`)."""
     if ACT == RELU:
         return tl.where(z > 0, 1.0, 0.0)
     elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, 1.0, slope)
+    elif ACT == PRELU:
         return tl.where(z > 0, 1.0, slope)
     elif ACT == SILU:
         sig = tl.sigmoid(z)
@@ -107,6 +114,13 @@ def activation_grad(z, ACT: tl.constexpr, slope):
     else:
         # 1 everywhere, also where z is ±Inf/NaN (z·0 + 1 would give NaN there: dβ = Σ dy must hold).
         return tl.full(z.shape, 1.0, z.dtype)
+
+
+@triton.jit
+def prelu_slope_grad(dy, z):
+    """The per-element term of PReLU's slope gradient, dy·z where z ≤ 0 (torch: x > 0 ? 0 : x·dy);
+    the caller sums it per channel (or over everything for a single slope)."""
+    return tl.where(z > 0, 0.0, z * dy)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""BatchNorm2d + activation (optionally on a gated skip sum ``x = up + a·skip``): Triton kernels.
+"""BatchNorm2d + activation (optionally on a gated skip sum ``x = up + a·skip``, optionally with a
+residual added after the norm, optionally PReLU with a learned slope): Triton kernels.
 
 Every tensor is walked as a 3-D view [N', C, S'] of the 4-D [N, C, H, W] input through its own
 strides: S = H·W when (H, W) merge into one stride, and N·S merges further into one index when
@@ -14,28 +15,33 @@ Forward, training (batch statistics), 2 launches, 2 passes over x (the minimum):
      block merges all rows in a fixed order (deterministic), writes mean, rstd and M2 and updates
      running_mean / running_var with momentum and the unbiased variance exactly as torch does (or
      the cumulative average 1/num_batches_tracked). Never autotuned: no replayed update.
-  2. ``_bn_apply_kernel`` (autotuned, pure): y = act((x − mean)·rstd·γ + β), one tile per program.
+  2. ``_bn_apply_kernel`` (autotuned, pure): y = act((x − mean)·rstd·γ + β [+ residual]), one tile
+     per program; for PReLU (ACT = PRELU) the slope is loaded per channel (stride 0: one slope).
   ``_bn_finalize_kernel`` (the same merge as a kernel of its own) merges per-rank statistics
   gathered by SyncBatchNorm (rows = ranks).
 Forward, eval (running statistics): ``_bn_apply_kernel`` alone, rstd computed from running_var.
 
-Backward (saved: the input(s) and fp32 mean/rstd; z and act'(z) are recomputed), 2 launches:
-  1. ``_bn_backward_reduce_kernel``: per program fp32 partials of Σ dy', Σ dy'·x̂ (dy' = dy·act'(z))
-     and, for the gate gradient, Σ dy'·skip, Σ skip, Σ x̂·skip; the last program of each channel
+Backward (saved: the input(s), the residual and fp32 mean/rstd; z = x̂·γ + β [+ residual] and act'(z)
+are recomputed), 2 launches:
+  1. ``_bn_backward_reduce_kernel``: per program fp32 partials of Σ dy', Σ dy'·x̂ (dy' = dy·act'(z)),
+     for the gate gradient Σ dy'·skip, Σ skip, Σ x̂·skip, and for PReLU Σ dy·z·[z ≤ 0] (the slope
+     gradient per channel, always the last of the K rows); the last program of each channel
      block sums the rows in a fixed order into [K, C] sums and computes the gate gradient
      Σ dx·skip = γ·rstd·(Σdy'·skip − Σdy'/M·Σskip − Σ(dy'·x̂)/M·Σx̂·skip) (training; γ·rstd·Σdy'·skip
      in eval), summed over channels by the last channel block for a scalar gate.
      dβ = Σ dy', dγ = Σ dy'·x̂.
   2. ``_bn_backward_dx_kernel`` (autotuned, elementwise):
      dx = γ·rstd·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) in training (M values per channel), γ·rstd·dy' in
-     eval; d_up = dx, d_skip = a·dx.
+     eval; d_up = dx, d_skip = a·dx, d_residual = dy'.
 
 Scalars (eps, slope, momentum, 1/M) travel as fp32 (hi, lo) pairs rebuilt in-kernel in the
 accumulation dtype (``common.acc_scalar``): in fp32 that is hi (never promoted to fp64
 arithmetic), in fp64 (gradcheck) hi + lo, the host double to ~2⁻⁴⁸ (Triton passes floats as fp32).
 
 Pointer and stride names: ``<tensor>_ptr`` with strides ``<tensor>_sn, _sc, _sh, _sw`` (x, skip,
-out, grad, dx, dskip), per-channel vectors with ``_sc`` (gate); every pointer precedes every scalar.
+res, out, grad, dx, dskip, dres), per-channel vectors with ``_sc`` (gate, act_w: the PReLU slope);
+every pointer precedes every scalar. Absent tensors get a placeholder pointer that is never read
+(HAS_SKIP, HAS_RES, ACT != PRELU), as for the skip.
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import launch as _launch
-from .activations import IDENTITY, activation, activation_grad, welford_combine
+from .activations import IDENTITY, PRELU, activation, activation_grad, prelu_slope_grad, welford_combine
 from .common import acc_scalar, chunk_program, load_affine, merge_partials, tile_program
 from .launch import (
     FIXED_TILE,
@@ -224,25 +230,28 @@ def _bn_finalize_kernel(
 _TILE_SHAPES = TILE_SHAPES + ((2048, 1), (1024, 2), (32, 64), (16, 128))
 
 
-@autotune(configs=tile_configs(_TILE_SHAPES), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "ACT"],
-          fixed=FIXED_TILE)
+@autotune(configs=tile_configs(_TILE_SHAPES),
+          key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "HAS_RES", "ACT"], fixed=FIXED_TILE)
 @triton.jit
 def _bn_apply_kernel(
-    x_ptr, skip_ptr, gate_ptr, out_ptr, mean_ptr, scale_src_ptr, weight_ptr, bias_ptr,
+    x_ptr, skip_ptr, gate_ptr, res_ptr, out_ptr, mean_ptr, scale_src_ptr, weight_ptr, bias_ptr, act_w_ptr,
     C, S, W, eps_hi, eps_lo, slope_hi, slope_lo,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
+    res_sn, res_sc, res_sh, res_sw,
     out_sn, out_sc, out_sh, out_sw,
-    gate_sc,
+    gate_sc, act_w_sc,
     FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    ACT: tl.constexpr, MERGED_HW: tl.constexpr, CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr,
-    ACC_FP64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, MERGED_HW: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+    INT64: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out = act((x − mean)·rstd·γ + β) (x = up + a·skip with HAS_SKIP), one tile per program.
+    """out = act((x − mean)·rstd·γ + β + residual) (x = up + a·skip with HAS_SKIP, the residual
+    with HAS_RES), one tile per program.
 
-    Grid: (N'·S'-blocks, C-blocks) (``launch.tile_grid``). Pointers: x, skip, gate a, the output;
-    per-channel mean and rstd (or the running variance when FROM_VAR), γ, β. Strides (n, c, h, w)
-    of x, skip and out."""
+    Grid: (N'·S'-blocks, C-blocks) (``launch.tile_grid``). Pointers: x, skip, gate a, the
+    residual (added after the norm, read once), the output; per-channel mean and rstd (or the
+    running variance when FROM_VAR), γ, β and the PReLU slope act_w (ACT = PRELU; ``act_w_sc`` 0:
+    one slope for every channel). Strides (n, c, h, w) of x, skip, residual and out."""
     n, s, c, c_mask, mask = tile_program(S, C, BLOCK_S, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
 
@@ -257,11 +266,15 @@ def _bn_apply_kernel(
     if MERGED_HW:
         x_s = s * x_sw
         o_s = s * out_sw
+        if HAS_RES:
+            r_s = s * res_sw
     else:
         h = s // W
         w = s % W
         x_s = h * x_sh + w * x_sw
         o_s = h * out_sh + w * out_sw
+        if HAS_RES:
+            r_s = h * res_sh + w * res_sw
     x = tl.load(x_ptr + (n * x_sn + x_s[:, None] + (c * x_sc)[None, :]), mask=mask, other=0.0).to(acc_ty)
     if HAS_SKIP:  # x = up + a·skip, recomputed, never stored
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
@@ -273,7 +286,14 @@ def _bn_apply_kernel(
         x += a[None, :] * k.to(acc_ty)
     # (x − mean)·scale + β, not x·scale + (β − mean·scale): no cancellation when |mean| ≫ std.
     z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
-    y = activation(z, ACT, acc_scalar(slope_hi, slope_lo, ACC_FP64))
+    if HAS_RES:  # after the norm: the statistics never see it
+        r = tl.load(res_ptr + (n * res_sn + r_s[:, None] + (c * res_sc)[None, :]), mask=mask, other=0.0)
+        z += r.to(acc_ty)
+    if ACT == PRELU:  # the learned slope, per channel (stride 0: a single slope)
+        slope = tl.load(act_w_ptr + c * act_w_sc, mask=c_mask, other=0.0).to(acc_ty)[None, :]
+    else:
+        slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+    y = activation(z, ACT, slope)
     tl.store(out_ptr + (n * out_sn + o_s[:, None] + (c * out_sc)[None, :]), y.to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -283,27 +303,31 @@ def _bn_apply_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _bn_backward_reduce_kernel(
-    grad_ptr, x_ptr, skip_ptr, gate_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, partial_ptr,
-    sums_ptr, gate_pc_ptr, dgate_ptr, ticket_ptr,
+    grad_ptr, x_ptr, skip_ptr, gate_ptr, res_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, act_w_ptr,
+    partial_ptr, sums_ptr, gate_pc_ptr, dgate_ptr, ticket_ptr,
     C, S, W, num_chunks, S_PER_PROG, num_rows, slope_hi, slope_lo, inv_count_hi, inv_count_lo,
     grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
-    gate_sc,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, GATE_SUMS: tl.constexpr,
-    DGATE: tl.constexpr, SCALAR_GATE: tl.constexpr, TRAINING: tl.constexpr,
+    res_sn, res_sc, res_sh, res_sw,
+    gate_sc, act_w_sc,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_RES: tl.constexpr,
+    GATE_SUMS: tl.constexpr, DGATE: tl.constexpr, SCALAR_GATE: tl.constexpr, TRAINING: tl.constexpr,
     ACT: tl.constexpr, MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Per-channel backward sums, reduced in-kernel: Σdy', Σdy'·x̂ and (GATE_SUMS) Σdy'·skip,
-    Σskip, Σx̂·skip, with dy' = grad·act'(z); with DGATE also the gate gradient Σ dx·skip.
+    """Per-channel backward sums, reduced in-kernel: Σdy', Σdy'·x̂, (GATE_SUMS) Σdy'·skip, Σskip,
+    Σx̂·skip and (ACT = PRELU) the slope gradient Σ grad·z·[z ≤ 0], with z = x̂·γ + β (+ the
+    residual with HAS_RES) and dy' = grad·act'(z); with DGATE also the gate gradient Σ dx·skip.
 
     Grid: (N'·chunks, C-blocks) (``launch.ReducePlan``). Each program writes one row of the
     [K, rows, C] partials and draws a ticket of its channel block; the last one sums the rows in
-    a fixed order into ``sums`` [K, C] and, with DGATE, writes the gate gradient of its channels
-    (``dgate``; for a SCALAR_GATE into ``gate_pc`` [C], which the last channel block — ticket slot
-    C-blocks — sums in channel order into ``dgate[0]``). Pointers: grad (any strides), x, skip,
-    gate a, mean, rstd, γ, β; partials, sums, gate_pc, dgate, int32 tickets (left at zero)."""
+    a fixed order into ``sums`` [K, C] (the PReLU row last: row 2, or 5 with GATE_SUMS) and, with
+    DGATE, writes the gate gradient of its channels (``dgate``; for a SCALAR_GATE into ``gate_pc``
+    [C], which the last channel block — ticket slot C-blocks — sums in channel order into
+    ``dgate[0]``). Pointers: grad (any strides), x, skip, gate a, the residual (read only to
+    recompute z), mean, rstd, γ, β, the PReLU slope act_w (``act_w_sc`` 0: one slope); partials,
+    sums, gate_pc, dgate, int32 tickets (left at zero)."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(acc_ty)[None, :]
@@ -312,7 +336,12 @@ def _bn_backward_reduce_kernel(
     if ACT != IDENTITY:  # z is needed for act'(z) only
         scale = (rstd * gam)[None, :]
         shift2 = shift[None, :]
-        slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+        if ACT == PRELU:
+            slope = tl.load(act_w_ptr + c * act_w_sc, mask=c_mask, other=0.0).to(acc_ty)[None, :]
+        else:
+            slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+        if HAS_RES:
+            res_c = (c * res_sc)[None, :]
     x_c = (c * x_sc)[None, :]
     g_c = (c * grad_sc)[None, :]
     if HAS_SKIP:
@@ -326,6 +355,8 @@ def _bn_backward_reduce_kernel(
         acc_dys = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
         acc_s = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
         acc_xs = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
+    if ACT == PRELU:
+        acc_ds = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     for i in range(0, S_PER_PROG, BLOCK_S):
         s = s_begin + i + tl.arange(0, BLOCK_S)
         mask = (s < S)[:, None] & c_mask[None, :]
@@ -350,7 +381,16 @@ def _bn_backward_reduce_kernel(
         if ACT == IDENTITY:
             dyp = g
         else:
-            dyp = tl.where(mask, g * activation_grad(xc * scale + shift2, ACT, slope), 0.0)
+            z = xc * scale + shift2
+            if HAS_RES:  # z includes the residual (added after the norm)
+                if MERGED_HW:
+                    r_s = n * res_sn + s * res_sw
+                else:
+                    r_s = n * res_sn + (s // W) * res_sh + (s % W) * res_sw
+                z += tl.load(res_ptr + (r_s[:, None] + res_c), mask=mask, other=0.0).to(acc_ty)
+            dyp = tl.where(mask, g * activation_grad(z, ACT, slope), 0.0)
+            if ACT == PRELU:
+                acc_ds += tl.where(mask, prelu_slope_grad(g, z), 0.0)
         acc_dy += dyp
         acc_dyx += dyp * xc
         if GATE_SUMS:
@@ -366,6 +406,12 @@ def _bn_backward_reduce_kernel(
         tl.store(partial_ptr + 2 * plane + off, tl.sum(acc_dys, axis=0), mask=c_mask)
         tl.store(partial_ptr + 3 * plane + off, tl.sum(acc_s, axis=0), mask=c_mask)
         tl.store(partial_ptr + 4 * plane + off, tl.sum(acc_xs, axis=0) * rstd, mask=c_mask)
+    if ACT == PRELU:  # the slope-gradient row comes last: 2, or 5 after the gate sums
+        if GATE_SUMS:
+            ds_row = 5
+        else:
+            ds_row = 2
+        tl.store(partial_ptr + ds_row * plane + off, tl.sum(acc_ds, axis=0), mask=c_mask)
 
     slot = tl.program_id(1)
     ticket = tl.atomic_add(ticket_ptr + slot, 1)
@@ -375,6 +421,7 @@ def _bn_backward_reduce_kernel(
         tot_dys = tl.zeros([BLOCK_C], dtype=acc_ty)
         tot_s = tl.zeros([BLOCK_C], dtype=acc_ty)
         tot_xs = tl.zeros([BLOCK_C], dtype=acc_ty)
+        tot_ds = tl.zeros([BLOCK_C], dtype=acc_ty)
         for r0 in range(0, num_rows, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             m = (r < num_rows)[:, None] & c_mask[None, :]
@@ -385,12 +432,16 @@ def _bn_backward_reduce_kernel(
                 tot_dys += tl.sum(tl.load(p + 2 * plane, mask=m, other=0.0), axis=0)
                 tot_s += tl.sum(tl.load(p + 3 * plane, mask=m, other=0.0), axis=0)
                 tot_xs += tl.sum(tl.load(p + 4 * plane, mask=m, other=0.0), axis=0)
+            if ACT == PRELU:
+                tot_ds += tl.sum(tl.load(p + ds_row * plane, mask=m, other=0.0), axis=0)
         tl.store(sums_ptr + c, tot_dy, mask=c_mask)
         tl.store(sums_ptr + C + c, tot_dyx, mask=c_mask)
         if GATE_SUMS:
             tl.store(sums_ptr + 2 * C + c, tot_dys, mask=c_mask)
             tl.store(sums_ptr + 3 * C + c, tot_s, mask=c_mask)
             tl.store(sums_ptr + 4 * C + c, tot_xs, mask=c_mask)
+        if ACT == PRELU:
+            tl.store(sums_ptr + ds_row * C + c, tot_ds, mask=c_mask)
         if DGATE:  # Σ dx·skip = γ·rstd·(Σdy'·skip − Σdy'/M·Σskip − Σ(dy'·x̂)/M·Σx̂·skip) (training)
             per = tot_dys
             if TRAINING:
@@ -414,28 +465,32 @@ def _bn_backward_reduce_kernel(
 
 
 @autotune(configs=tile_configs(_TILE_SHAPES),
-          key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "ACT", "TRAINING"], fixed=FIXED_TILE)
+          key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "HAS_RES", "ACT", "TRAINING"], fixed=FIXED_TILE)
 @triton.jit
 def _bn_backward_dx_kernel(
-    grad_ptr, x_ptr, skip_ptr, gate_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sums_ptr,
-    dx_ptr, dskip_ptr,
+    grad_ptr, x_ptr, skip_ptr, gate_ptr, res_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, act_w_ptr, sums_ptr,
+    dx_ptr, dskip_ptr, dres_ptr,
     C, S, W, inv_count_hi, inv_count_lo, slope_hi, slope_lo,
     grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
+    res_sn, res_sc, res_sh, res_sw,
     dx_sn, dx_sc, dx_sh, dx_sw,
     dskip_sn, dskip_sc, dskip_sh, dskip_sw,
-    gate_sc,
+    dres_sn, dres_sc, dres_sh, dres_sw,
+    gate_sc, act_w_sc,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, ACT: tl.constexpr, MERGED_HW: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RES: tl.constexpr, NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DRES: tl.constexpr,
+    ACT: tl.constexpr, MERGED_HW: tl.constexpr, CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx = γ·rstd·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) (training; γ·rstd·dy' in eval), d_skip = a·dx,
-    one tile per program.
+    d_residual = dy' = grad·act'(z), z = x̂·γ + β (+ the residual with HAS_RES), one tile per program.
 
     Grid: (N'·S'-blocks, C-blocks) (``launch.tile_grid``). Pointers: grad (any strides), x, skip,
-    gate a, mean, rstd, γ, β, the [2, C] sums of the reduce pass; outputs dx, d_skip."""
+    gate a, the residual (read only to recompute z), mean, rstd, γ, β, the PReLU slope act_w
+    (``act_w_sc`` 0: one slope), the [K, C] sums of the reduce pass (rows 0 and 1 read); outputs
+    dx, d_skip, d_residual."""
     n, s, c, c_mask, mask = tile_program(S, C, BLOCK_S, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
 
@@ -467,7 +522,25 @@ def _bn_backward_dx_kernel(
         dyp = g
     else:
         z = xhat * gam[None, :] + bet[None, :]
-        dyp = g * activation_grad(z, ACT, acc_scalar(slope_hi, slope_lo, ACC_FP64))
+        if HAS_RES:  # z includes the residual (added after the norm)
+            if MERGED_HW:
+                r_s = s * res_sw
+            else:
+                r_s = (s // W) * res_sh + (s % W) * res_sw
+            r = tl.load(res_ptr + (n * res_sn + r_s[:, None] + (c * res_sc)[None, :]), mask=mask, other=0.0)
+            z += r.to(acc_ty)
+        if ACT == PRELU:
+            slope = tl.load(act_w_ptr + c * act_w_sc, mask=c_mask, other=0.0).to(acc_ty)[None, :]
+        else:
+            slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+        dyp = g * activation_grad(z, ACT, slope)
+    if NEED_DRES:  # d_residual = dy'
+        if MERGED_HW:
+            q_s = s * dres_sw
+        else:
+            q_s = (s // W) * dres_sh + (s % W) * dres_sw
+        tl.store(dres_ptr + (n * dres_sn + q_s[:, None] + (c * dres_sc)[None, :]), dyp.to(dres_ptr.dtype.element_ty),
+                 mask=mask)
     if TRAINING:
         inv_count = acc_scalar(inv_count_hi, inv_count_lo, ACC_FP64)
         mdy = tl.load(sums_ptr + c, mask=c_mask, other=0.0).to(acc_ty) * inv_count
@@ -603,47 +676,64 @@ def batch_norm_merge_stats(
     return mean, rstd
 
 
-def _apply_plan(x, skip, gate, out, weight, bias, from_var: bool, eps: float, act: int, slope: float) -> Plan:
-    geo = _Geometry(x.shape, [x, out] + ([skip] if skip is not None else []))
+PRELU_ID = PRELU.value  # the kernels' ACT id of PReLU (fusedskip.activations.ACTIVATION_IDS["prelu"])
+
+
+def sum_rows(gate_sums: bool, act: int) -> int:
+    """K, the rows of the backward ``sums`` [K, C]: Σdy', Σdy'·x̂, with ``gate_sums`` Σdy'·skip,
+    Σskip, Σx̂·skip, for PReLU (``act``) the slope gradient (always the last row)."""
+    return 2 + (3 if gate_sums else 0) + (1 if act == PRELU_ID else 0)
+
+
+def _apply_plan(x, skip, gate, residual, out, weight, bias, act_weight, from_var: bool, eps: float, act: int,
+                slope: float) -> Plan:
+    geo = _Geometry(x.shape, [x, out] + [t for t in (skip, residual) if t is not None])
     args = (geo.c, geo.s, geo.w, *split_fp64(eps), *split_fp64(slope),
-            *geo.strides(x), *geo.strides(skip), *geo.strides(out), vector_stride(gate))
+            *geo.strides(x), *geo.strides(skip), *geo.strides(residual), *geo.strides(out),
+            vector_stride(gate), vector_stride(act_weight))
     meta = dict(FROM_VAR=from_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                HAS_SKIP=skip is not None, ACT=act, MERGED_HW=geo.merged_hw, CHANNELS_INNER=channels_inner(x),
-                INT64=geo.int64, ACC_FP64=acc_dtype(x) == torch.float64)
+                HAS_SKIP=skip is not None, HAS_RES=residual is not None, ACT=act, MERGED_HW=geo.merged_hw,
+                CHANNELS_INNER=channels_inner(x), INT64=geo.int64, ACC_FP64=acc_dtype(x) == torch.float64)
     return Plan(tile_grid(geo.n, geo.s, geo.c), args, meta)
 
 
 def batch_norm_apply(
     x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     mean: torch.Tensor, scale_src: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    from_var: bool, eps: float, act: int, slope: float, launcher=launch,
+    from_var: bool, eps: float, act: int, slope: float, residual: Optional[torch.Tensor] = None,
+    act_weight: Optional[torch.Tensor] = None, launcher=launch,
 ) -> torch.Tensor:
-    """``act((x − mean)·rstd·weight + bias)`` with rstd = ``scale_src`` or, when ``from_var``,
-    1/√(scale_src + eps). Output in ``x``'s dtype and (dense) layout."""
+    """``act((x − mean)·rstd·weight + bias + residual)`` with rstd = ``scale_src`` or, when
+    ``from_var``, 1/√(scale_src + eps); ``residual`` (x's shape, any strides) is optional and
+    ``act_weight`` (1 or C values) is the PReLU slope (``act`` = PReLU's id). Output in ``x``'s
+    dtype and (dense) layout."""
     out = empty_like_layout(x)
     if out.numel() == 0:
         return out
     plan = _cached(_APPLY_PLANS, launcher,
-                   (signature(x, skip, gate, out, weight, bias), from_var, eps, act, slope),
-                   _apply_plan, x, skip, gate, out, weight, bias, from_var, eps, act, slope)
+                   (signature(x, skip, gate, residual, out, weight, bias, act_weight), from_var, eps, act, slope),
+                   _apply_plan, x, skip, gate, residual, out, weight, bias, act_weight, from_var, eps, act, slope)
     with device_guard(x):
         launcher(_bn_apply_kernel, plan, x, skip if skip is not None else mean, gate if gate is not None else mean,
-                 out, mean, scale_src, weight if weight is not None else mean, bias if bias is not None else mean)
+                 residual if residual is not None else mean, out, mean, scale_src,
+                 weight if weight is not None else mean, bias if bias is not None else mean,
+                 act_weight if act_weight is not None else mean)
     return out
 
 
-def _reduce_plan(grad, x, skip, gate, weight, bias, act: int, slope: float, gate_sums: bool, dgate: bool,
-                 inv_count: float, training: bool):
-    geo = _Geometry(x.shape, [grad, x] + ([skip] if skip is not None else []))
+def _reduce_plan(grad, x, skip, gate, residual, weight, bias, act_weight, act: int, slope: float, gate_sums: bool,
+                 dgate: bool, inv_count: float, training: bool):
+    geo = _Geometry(x.shape, [grad, x] + [t for t in (skip, residual) if t is not None])
     rp = geo.reduction(x, tile=1024 if gate_sums else 2048)  # five accumulators: half the tile
     block_r, _ = finalize_blocks(rp.rows, rp.block_c)
     args = (geo.c, geo.s, geo.w, rp.chunks, rp.s_per_chunk, rp.rows, *split_fp64(slope), *split_fp64(inv_count),
-            *geo.strides(grad), *geo.strides(x), *geo.strides(skip), vector_stride(gate))
+            *geo.strides(grad), *geo.strides(x), *geo.strides(skip), *geo.strides(residual),
+            vector_stride(gate), vector_stride(act_weight))
     meta = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SKIP=skip is not None,
-                GATE_SUMS=gate_sums, DGATE=dgate, SCALAR_GATE=gate is not None and gate.numel() == 1,
-                TRAINING=training, ACT=act, MERGED_HW=geo.merged_hw, INT64=geo.int64,
-                ACC_FP64=acc_dtype(x) == torch.float64, BLOCK_S=rp.block_s, BLOCK_C=rp.block_c,
-                BLOCK_R=block_r, num_warps=rp.num_warps)
+                HAS_RES=residual is not None, GATE_SUMS=gate_sums, DGATE=dgate,
+                SCALAR_GATE=gate is not None and gate.numel() == 1, TRAINING=training, ACT=act,
+                MERGED_HW=geo.merged_hw, INT64=geo.int64, ACC_FP64=acc_dtype(x) == torch.float64,
+                BLOCK_S=rp.block_s, BLOCK_C=rp.block_c, BLOCK_R=block_r, num_warps=rp.num_warps)
     return Plan((rp.rows, rp.c_blocks), args, meta), rp
 
 
@@ -651,22 +741,25 @@ def batch_norm_backward_reduce(
     grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     act: int, slope: float, gate_sums: bool, need_dgate: bool = False, inv_count: float = 0.0,
-    training: bool = True, launcher=launch,
+    training: bool = True, residual: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None,
+    launcher=launch,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(sums, d_gate)``, one launch. ``sums`` [K, C] (accumulation dtype): Σdy', Σdy'·x̂ and, with
-    ``gate_sums``, Σdy'·skip, Σskip, Σx̂·skip; dy' = grad·act'(z). With ``need_dgate`` (needs
-    ``gate_sums``) the gate gradient Σ dx·skip in the gate's shape, computed in-kernel from the
-    sums with ``inv_count`` = 1/M (``training``); else None. ``grad`` may have any strides."""
+    """``(sums, d_gate)``, one launch. ``sums`` [K, C] (accumulation dtype, K = :func:`sum_rows`):
+    Σdy', Σdy'·x̂, with ``gate_sums`` Σdy'·skip, Σskip, Σx̂·skip, and for PReLU (slope ``act_weight``)
+    last the slope gradient Σ grad·z·[z ≤ 0] per channel; dy' = grad·act'(z), z = x̂·γ + β (+
+    ``residual``). With ``need_dgate`` (needs ``gate_sums``) the gate gradient Σ dx·skip in the
+    gate's shape, computed in-kernel from the sums with ``inv_count`` = 1/M (``training``); else
+    None. ``grad`` may have any strides."""
     n, c, h, w = x.shape
-    k = 5 if gate_sums else 2
+    k = sum_rows(gate_sums, act)
     acc = acc_dtype(x)
     if x.numel() == 0:
         return torch.zeros((k, c), dtype=acc, device=x.device), (torch.zeros_like(gate) if need_dgate else None)
     plan, rp = _cached(_REDUCE_PLANS, launcher,
-                       (signature(grad, x, skip, gate, weight, bias), act, slope, gate_sums, need_dgate, inv_count,
-                        training),
-                       _reduce_plan, grad, x, skip, gate, weight, bias, act, slope, gate_sums, need_dgate, inv_count,
-                       training)
+                       (signature(grad, x, skip, gate, residual, weight, bias, act_weight), act, slope, gate_sums,
+                        need_dgate, inv_count, training),
+                       _reduce_plan, grad, x, skip, gate, residual, weight, bias, act_weight, act, slope, gate_sums,
+                       need_dgate, inv_count, training)
     partial = torch.empty((k, rp.rows, c), dtype=acc, device=x.device)
     sums = torch.empty((k, c), dtype=acc, device=x.device)
     dgate = torch.empty_like(gate) if need_dgate else None
@@ -674,23 +767,24 @@ def batch_norm_backward_reduce(
     ticket = tickets(x.device, rp.c_blocks + 1, traced=launcher is not launch)
     with device_guard(x):
         launcher(_bn_backward_reduce_kernel, plan, grad, x, skip if skip is not None else sums,
-                 gate if gate is not None else sums, mean, rstd,
-                 weight if weight is not None else sums, bias if bias is not None else sums, partial,
+                 gate if gate is not None else sums, residual if residual is not None else sums, mean, rstd,
+                 weight if weight is not None else sums, bias if bias is not None else sums,
+                 act_weight if act_weight is not None else sums, partial,
                  sums, gate_pc, dgate if need_dgate else sums, ticket)
     return sums, dgate
 
 
-def _dx_plan(grad, x, skip, gate, weight, bias, dx, dskip, inv_count: float, training: bool, act: int,
-             slope: float) -> Plan:
-    tensors = [grad, x] + [t for t in (skip, dx, dskip) if t is not None]
+def _dx_plan(grad, x, skip, gate, residual, weight, bias, act_weight, dx, dskip, dres, inv_count: float,
+             training: bool, act: int, slope: float) -> Plan:
+    tensors = [grad, x] + [t for t in (skip, residual, dx, dskip, dres) if t is not None]
     geo = _Geometry(x.shape, tensors)
     args = (geo.c, geo.s, geo.w, *split_fp64(inv_count), *split_fp64(slope),
-            *geo.strides(grad), *geo.strides(x), *geo.strides(skip), *geo.strides(dx), *geo.strides(dskip),
-            vector_stride(gate))
+            *geo.strides(grad), *geo.strides(x), *geo.strides(skip), *geo.strides(residual), *geo.strides(dx),
+            *geo.strides(dskip), *geo.strides(dres), vector_stride(gate), vector_stride(act_weight))
     meta = dict(TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                HAS_SKIP=skip is not None, NEED_DX=dx is not None, NEED_DSKIP=dskip is not None, ACT=act,
-                MERGED_HW=geo.merged_hw, CHANNELS_INNER=channels_inner(x), INT64=geo.int64,
-                ACC_FP64=acc_dtype(x) == torch.float64)
+                HAS_SKIP=skip is not None, HAS_RES=residual is not None, NEED_DX=dx is not None,
+                NEED_DSKIP=dskip is not None, NEED_DRES=dres is not None, ACT=act, MERGED_HW=geo.merged_hw,
+                CHANNELS_INNER=channels_inner(x), INT64=geo.int64, ACC_FP64=acc_dtype(x) == torch.float64)
     return Plan(tile_grid(geo.n, geo.s, geo.c), args, meta)
 
 
@@ -698,23 +792,30 @@ def batch_norm_backward_dx(
     grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     sums: torch.Tensor, inv_count: float, training: bool, act: int, slope: float,
-    need_dx: bool, need_dskip: bool, launcher=launch,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(dx, d_skip)``: dx = γ·rstd·(dy' − Σdy'·inv_count − x̂·Σ(dy'·x̂)·inv_count) in training
-    (``sums`` rows 0 and 1, global under SyncBatchNorm), γ·rstd·dy' in eval; d_skip = gate·dx."""
+    need_dx: bool, need_dskip: bool, residual: Optional[torch.Tensor] = None,
+    act_weight: Optional[torch.Tensor] = None, need_dres: bool = False, launcher=launch,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dx, d_skip, d_residual)``: dx = γ·rstd·(dy' − Σdy'·inv_count − x̂·Σ(dy'·x̂)·inv_count) in
+    training (``sums`` rows 0 and 1, global under SyncBatchNorm), γ·rstd·dy' in eval; d_skip =
+    gate·dx; d_residual = dy' = grad·act'(z) (z with ``residual``, PReLU slope ``act_weight``), in
+    the residual's layout. Each only when asked for (else None)."""
     dx = empty_like_layout(x) if need_dx else None
     dskip = empty_like_layout(skip) if need_dskip else None
-    if x.numel() == 0 or not (need_dx or need_dskip):
-        return dx, dskip
+    dres = empty_like_layout(residual) if need_dres else None
+    if x.numel() == 0 or not (need_dx or need_dskip or need_dres):
+        return dx, dskip, dres
     plan = _cached(_DX_PLANS, launcher,
-                   (signature(grad, x, skip, gate, weight, bias), need_dx, need_dskip, inv_count, training, act,
-                    slope),
-                   _dx_plan, grad, x, skip, gate, weight, bias, dx, dskip, inv_count, training, act, slope)
+                   (signature(grad, x, skip, gate, residual, weight, bias, act_weight), need_dx, need_dskip,
+                    need_dres, inv_count, training, act, slope),
+                   _dx_plan, grad, x, skip, gate, residual, weight, bias, act_weight, dx, dskip, dres, inv_count,
+                   training, act, slope)
     if not sums.is_contiguous():
         sums = sums.contiguous()
     with device_guard(x):
         launcher(_bn_backward_dx_kernel, plan, grad, x, skip if skip is not None else mean,
-                 gate if gate is not None else mean, mean, rstd,
-                 weight if weight is not None else mean, bias if bias is not None else mean, sums,
-                 dx if dx is not None else mean, dskip if dskip is not None else mean)
-    return dx, dskip
+                 gate if gate is not None else mean, residual if residual is not None else mean, mean, rstd,
+                 weight if weight is not None else mean, bias if bias is not None else mean,
+                 act_weight if act_weight is not None else mean, sums,
+                 dx if dx is not None else mean, dskip if dskip is not None else mean,
+                 dres if dres is not None else mean)
+    return dx, dskip, dres

@@ -47,6 +47,30 @@ d_a and sum them in a fixed order (deterministic, no float atomics) straight int
 and the gate's gradients: no host-side torch ops. The single pass does it in its last program
 (an int32 ticket counts finished programs), the split design in ``_group_norm_act_param_grad_kernel``.
 
+Optional operands after the norm (constexpr flags HAS_RES, HAS_SCALE, HAS_SHIFT; ACT = PRELU),
+any combination, also with the skip: ``u = z·(1 + scale) + shift + residual``, ``y = act(u)``, with
+z = γ ⊙ x̂ + β as above, ``scale``/``shift`` one value per (n, c) (diffusers' time-embedding
+"scale_shift") and ``residual`` a tensor of x's shape (``act(norm(x) + residual)``: MONAI
+UnetResBlock, ResNet blocks). Folded into an effective per-(n, c) affine γ' = γ·(1 + scale),
+β' = β·(1 + scale) + shift, so every formula above holds with γ', β' and u in place of γ, β and z
+(the backward recomputes u, reading the residual again). With du = dy·act'(u), A = Σ_S du·x̂ and
+B = Σ_S du per (n, c):
+  d_residual = du (written beside dx, by the same kernel),   d_shift = B,   d_scale = γ·A + β·B
+  (both per (n, c), written in-kernel: the single pass by each program, the split design by its
+  finalize kernel),   dγ_c = Σ_n (1 + scale)·A,   dβ_c = Σ_n (1 + scale)·B (the per-(n, c) partials
+  are stored pre-multiplied by 1 + scale and summed as before).
+PReLU (ACT = PRELU) takes its learned slope ``act_weight`` (1 or C values) from memory; its
+gradient Σ dy·u over u ≤ 0 (``prelu_slope_grad``) per channel is one more partial next to dγ/dβ
+(per (n, c) in the single pass, per (n·chunk, c) in the split reduce pass), summed by the same
+fixed-order code (over the channels too for a single slope). No float atomics anywhere.
+Without these operands every kernel compiles to the same PTX instructions as before they existed
+(checked for sm_90 on 72 variants: both designs, fp32/bf16, NCHW/channels_last, with/without skip;
+param loads and register numbering aside). Measured for sm_90 like the rule below (bf16
+channels_last 16×128×64×64, G = 32, 16 warps, 128 registers): single-pass spill stores per thread,
+forward / backward: residual 0 / 96 B, scale + shift 0 / 0 B, residual + scale + shift + PReLU(C)
+8 / 108 B, the same with the gated skip 20 / 380 B (without operands: 0 / 0 B, 48 B with the skip).
+The single-pass rule does not (yet) take the operands into account.
+
 Accumulation is fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs (gradcheck). Float scalars
 (eps, slope) arrive as an fp32 (hi, lo) pair and are rebuilt in the accumulation dtype in-kernel.
 
@@ -54,7 +78,9 @@ Arguments (the scheme of every kernel file): pointers first, then scalars, then 
 tensor ``t`` is ``t_ptr`` with strides ``t_sn, t_sc, t_sh, t_sw`` ([N, C, H, W]; ``t_sw`` carries
 the merged spatial stride under ``MERGED_HW``); a per-channel vector ``v`` is ``v_ptr`` with stride
 ``v_sc`` (0 broadcasts one value). Tensors: x (= up), skip, grad (= dy), out (= y), dx, dskip;
-vectors: gate (a), weight (γ), bias (β); statistics and partials are dense fp32/fp64 buffers.
+vectors: gate (a), weight (γ), bias (β), aw (PReLU's slope); per-(n, c) values ``v`` (scale,
+shift) are ``v_ptr`` with strides ``v_sn, v_sc``; residual is ``res`` (its gradient ``dres``);
+statistics and partials are dense fp32/fp64 buffers; dscale / dshift are dense [N, C].
 """
 from __future__ import annotations
 
@@ -66,7 +92,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .activations import activation, activation_grad
+from .activations import PRELU, activation, activation_grad, prelu_slope_grad
 from .common import acc_scalar, chunk_program, load_affine, merge_partials, tile_program
 from .launch import (
     FIXED_TILE,
@@ -150,28 +176,64 @@ def _to_channels(v, GP: tl.constexpr, BLOCK_CG: tl.constexpr):
 
 
 @triton.jit
+def _modulate(gam, bet, scale_ptr, shift_ptr, n, c, c_mask, scale_sn, scale_sc, shift_sn, shift_sc,
+              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACC_FP64: tl.constexpr):
+    """The effective affine of sample n's channels c: ``(γ·m, β·m + shift[n, c], m)`` with
+    m = 1 + scale[n, c] (per-(n, c) values, strides sn, sc); without the operands γ and β come back
+    unchanged (no extra arithmetic) and m = 1."""
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    if HAS_SCALE:
+        mod = 1.0 + tl.load(scale_ptr + n * scale_sn + c * scale_sc, mask=c_mask, other=0.0).to(acc_ty)
+        gam = gam * mod
+        bet = bet * mod
+    else:
+        mod = tl.full(gam.shape, 1.0, acc_ty)
+    if HAS_SHIFT:
+        bet = bet + tl.load(shift_ptr + n * shift_sn + c * shift_sc, mask=c_mask, other=0.0).to(acc_ty)
+    return gam, bet, mod
+
+
+@triton.jit
+def _act_slope(slope_hi, slope_lo, aw_ptr, c, c_mask, aw_sc, ACT: tl.constexpr, ACC_FP64: tl.constexpr):
+    """The activation's slope: for PRELU the learned slope of channels c as a [1, len(c)] row
+    (aw_sc = 0 broadcasts a single slope), else the host scalar (LeakyReLU's slope, ELU's alpha)."""
+    if ACT == PRELU:
+        acc_ty = tl.float64 if ACC_FP64 else tl.float32
+        return tl.load(aw_ptr + c * aw_sc, mask=c_mask, other=0.0).to(acc_ty)[None, :]
+    else:
+        return acc_scalar(slope_hi, slope_lo, ACC_FP64)
+
+
+@triton.jit
 def _group_norm_act_fused_kernel(
-    x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr,
+    x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, aw_ptr,
+    out_ptr, mean_ptr, rstd_ptr,
     S, W, G, CG, eps_hi, eps_lo, slope_hi, slope_lo,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
+    res_sn, res_sc, res_sh, res_sw,
     out_sn, out_sc, out_sh, out_sw,
-    gate_sc, weight_sc, bias_sc,
-    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    gate_sc, weight_sc, bias_sc, scale_sn, scale_sc, shift_sn, shift_sc, aw_sc,
+    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr, CG_EXACT: tl.constexpr,
     GP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
-    """Single-pass forward: y = act(GN(x [+ a·skip])) and the group statistics (mean, rstd).
+    """Single-pass forward: y = act(GN(x [+ a·skip])·(1 + scale) + shift + residual) and the group
+    statistics (mean, rstd).
 
-    Grid (N · G/GP,); each program holds GP whole groups in registers. Pointers: x, skip (read),
-    y (written); gate / w / b per-channel vectors; mean / rstd [N, G] outputs. Strides per tensor
-    as the module docstring names them."""
+    Grid (N · G/GP,); each program holds GP whole groups in registers. Pointers: x, skip, res
+    (residual, read), y (written); gate / w / b / aw (PReLU slope) per-channel vectors; scale /
+    shift per-(n, c) values; mean / rstd [N, G] outputs. Strides per tensor as the module
+    docstring names them."""
     n, g0, s, c, c_mask, mask = _group_tile_program(S, G, CG, GP, BLOCK_S, BLOCK_CG, CG_EXACT, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     eps = acc_scalar(eps_hi, eps_lo, ACC_FP64)
-    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+    slope = _act_slope(slope_hi, slope_lo, aw_ptr, c, c_mask, aw_sc, ACT, ACC_FP64)
     gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64,
                            GP * BLOCK_CG)
+    gam, bet, _ = _modulate(gam, bet, scale_ptr, shift_ptr, n, c, c_mask, scale_sn, scale_sc, shift_sn, shift_sc,
+                            HAS_SCALE, HAS_SHIFT, ACC_FP64)
     if MERGED_HW:
         s_hi = s * 0
         s_lo = s
@@ -198,43 +260,56 @@ def _group_norm_act_fused_kernel(
     gi = n * G + g0 + tl.arange(0, GP)
     tl.store(mean_ptr + gi, mean_g)
     tl.store(rstd_ptr + gi, rstd_g)
-    # The same z formula as the backward recomputation, so act'(z) matches the forward exactly.
+    # The same u formula as the backward recomputation, so act'(u) matches the forward exactly.
     xhat = (h - mu[None, :]) * _to_channels(rstd_g, GP, BLOCK_CG)[None, :]
-    y = activation(xhat * gam[None, :] + bet[None, :], ACT, slope)
+    u = xhat * gam[None, :] + bet[None, :]
+    if HAS_RES:
+        u += tl.load(res_ptr + n * res_sn + c[None, :] * res_sc + (s_hi * res_sh + s_lo * res_sw)[:, None],
+                     mask=mask, other=0.0).to(acc_ty)
+    y = activation(u, ACT, slope)
     tl.store(out_ptr + n * out_sn + c[None, :] * out_sc + (s_hi * out_sh + s_lo * out_sw)[:, None],
              y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _group_norm_act_backward_fused_kernel(
-    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr,
-    dx_ptr, dskip_ptr, sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, ticket_ptr,
+    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, aw_ptr,
+    mean_ptr, rstd_ptr, dx_ptr, dskip_ptr, dres_ptr, sums_ptr, pgate_ptr, pslope_ptr,
+    dweight_ptr, dbias_ptr, dgate_ptr, dscale_ptr, dshift_ptr, dslope_ptr, ticket_ptr,
     N, C, S, W, G, CG, slope_hi, slope_lo,
     grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
+    res_sn, res_sc, res_sh, res_sw,
     dx_sn, dx_sc, dx_sh, dx_sw,
     dskip_sn, dskip_sc, dskip_sh, dskip_sw,
-    gate_sc, weight_sc, bias_sc,
-    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    dres_sn, dres_sc, dres_sh, dres_sw,
+    gate_sc, weight_sc, bias_sc, scale_sn, scale_sc, shift_sn, shift_sc, aw_sc,
+    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr, CG_EXACT: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr,
-    NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr, SCALAR_GATE: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr, NEED_DRES: tl.constexpr,
+    NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr,
+    NEED_DSLOPE: tl.constexpr, SCALAR_GATE: tl.constexpr, SCALAR_SLOPE: tl.constexpr,
     GP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PC: tl.constexpr,
 ):
-    """Single-pass backward: dx (= d_up), d_skip, then dγ, dβ and the gate's gradient.
+    """Single-pass backward: dx (= d_up), d_skip, d_residual (= du), d_scale and d_shift per (n, c),
+    then dγ, dβ, the gate's and PReLU's slope gradients.
 
-    Grid (N · G/GP,) as the forward. Pointers: grad, x, skip (read), dx, dskip (written); gate /
-    weight / bias vectors; mean / rstd [N, G] from the forward; sums [2, N, C] (Σ dz, Σ dz·x̂ per
-    (n, c)) and pgate [N, C] (Σ dh·skip) partials; dweight, dbias, dgate outputs; an int32 ticket.
-    Each program writes its rows of partials and draws a ticket; the program with the last ticket
-    sums the partials in a fixed order (``_sum_param_partials``: deterministic, in the same launch)
-    and resets the ticket to 0."""
+    Grid (N · G/GP,) as the forward. Pointers: grad, x, skip, res (read), dx, dskip, dres
+    (written); gate / weight / bias / aw vectors; scale / shift per-(n, c) values; mean / rstd
+    [N, G] from the forward; sums [2, N, C] ((1 + scale)·Σ du, (1 + scale)·Σ du·x̂ per (n, c)),
+    pgate [N, C] (Σ dh·skip) and pslope [N, C] (Σ dy·u, u ≤ 0) partials; dweight, dbias, dgate,
+    dslope outputs; dscale / dshift dense [N, C] outputs; an int32 ticket. Each program writes its
+    rows of partials and draws a ticket; the program with the last ticket sums the partials in a
+    fixed order (``_sum_param_partials``: deterministic, in the same launch) and resets the ticket."""
     n, g0, s, c, c_mask, mask = _group_tile_program(S, G, CG, GP, BLOCK_S, BLOCK_CG, CG_EXACT, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
-    gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64,
-                           GP * BLOCK_CG)
+    slope = _act_slope(slope_hi, slope_lo, aw_ptr, c, c_mask, aw_sc, ACT, ACC_FP64)
+    gam0, bet0 = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64,
+                             GP * BLOCK_CG)
+    gam, bet, mod = _modulate(gam0, bet0, scale_ptr, shift_ptr, n, c, c_mask, scale_sn, scale_sc, shift_sn,
+                              shift_sc, HAS_SCALE, HAS_SHIFT, ACC_FP64)
     gi = n * G + g0 + tl.arange(0, GP)
     mu = _to_channels(tl.load(mean_ptr + gi), GP, BLOCK_CG)
     r = _to_channels(tl.load(rstd_ptr + gi), GP, BLOCK_CG)
@@ -257,16 +332,21 @@ def _group_norm_act_backward_fused_kernel(
         sum_xk = tl.sum(xhat * k.to(acc_ty), axis=0)
     dy = tl.load(grad_ptr + n * grad_sn + c[None, :] * grad_sc + (s_hi * grad_sh + s_lo * grad_sw)[:, None],
                  mask=mask, other=0.0).to(acc_ty)
-    dz = dy * activation_grad(xhat * gam[None, :] + bet[None, :], ACT, slope)  # masked lanes: dy = 0
+    u = xhat * gam[None, :] + bet[None, :]
+    if HAS_RES:
+        u += tl.load(res_ptr + n * res_sn + c[None, :] * res_sc + (s_hi * res_sh + s_lo * res_sw)[:, None],
+                     mask=mask, other=0.0).to(acc_ty)
+    dz = dy * activation_grad(u, ACT, slope)  # masked lanes: dy = 0
+    if NEED_DSLOPE:
+        tl.store(pslope_ptr + n * C + c, tl.sum(prelu_slope_grad(dy, u), axis=0), mask=c_mask)
     sum_dz = tl.sum(dz, axis=0)
     sum_dzx = tl.sum(dz * xhat, axis=0)
     if NEED_DGATE:
         # Σ dh·skip = rstd·(γ·Σ dz·k − m1·Σ k − m2·Σ x̂·k), summed while k is live: the tile of k
         # dies here, leaving two live fp32 tiles (x̂, dz) for the rest of the program.
         sum_dzk = tl.sum(dz * k.to(acc_ty), axis=0)
-    if NEED_DWEIGHT or NEED_DBIAS:
-        tl.store(sums_ptr + n * C + c, sum_dz, mask=c_mask)
-        tl.store(sums_ptr + N * C + n * C + c, sum_dzx, mask=c_mask)
+    _store_nc_sums(sums_ptr, dscale_ptr, dshift_ptr, n, N, C, c, c_mask, sum_dz, sum_dzx, gam0, bet0, mod,
+                   HAS_SCALE, NEED_DWEIGHT or NEED_DBIAS, NEED_DSCALE, NEED_DSHIFT)
     count = tl.cast(CG, acc_ty) * tl.cast(S, acc_ty)
     m1 = _to_channels(_per_group(gam * sum_dz, GP, BLOCK_CG) / count, GP, BLOCK_CG)
     m2 = _to_channels(_per_group(gam * sum_dzx, GP, BLOCK_CG) / count, GP, BLOCK_CG)
@@ -279,26 +359,66 @@ def _group_norm_act_backward_fused_kernel(
     if NEED_DSKIP:
         tl.store(dskip_ptr + n * dskip_sn + c[None, :] * dskip_sc + (s_hi * dskip_sh + s_lo * dskip_sw)[:, None],
                  (a[None, :] * dh).to(dskip_ptr.dtype.element_ty), mask=mask)
-    if NEED_DWEIGHT or NEED_DBIAS or NEED_DGATE:
+    if NEED_DRES:
+        tl.store(dres_ptr + n * dres_sn + c[None, :] * dres_sc + (s_hi * dres_sh + s_lo * dres_sw)[:, None],
+                 dz.to(dres_ptr.dtype.element_ty), mask=mask)
+    if NEED_DWEIGHT or NEED_DBIAS or NEED_DGATE or NEED_DSLOPE:
         ticket = tl.atomic_add(ticket_ptr, 1)  # acq_rel: every program's partials are visible to the last
         if ticket == tl.num_programs(0) - 1:
-            _sum_param_partials(sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, C, N, N, 0, BLOCK_PC,
-                                NEED_DWEIGHT, NEED_DBIAS, NEED_DGATE, SCALAR_GATE, ACC_FP64, BLOCK_R, BLOCK_PC)
+            _sum_param_partials(sums_ptr, pgate_ptr, pslope_ptr, dweight_ptr, dbias_ptr, dgate_ptr, dslope_ptr,
+                                C, N, N, 0, BLOCK_PC, NEED_DWEIGHT, NEED_DBIAS, NEED_DGATE, SCALAR_GATE,
+                                NEED_DSLOPE, SCALAR_SLOPE, ACC_FP64, BLOCK_R, BLOCK_PC)
             tl.store(ticket_ptr, 0)
 
 
 @triton.jit
-def _sum_param_partials(sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, C, SUM_ROWS, GATE_ROWS,
-                        c_first, c_step, NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr,
-                        NEED_DGATE: tl.constexpr, SCALAR_GATE: tl.constexpr, ACC_FP64: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dβ, dγ and the gate's gradient from the backward's partials, summed over rows in a fixed
-    order (deterministic), for the channel blocks from c_first in steps of c_step (all of them,
-    and a single-value gate's sum over channels, when one program runs it). Pointers: sums
-    [2, SUM_ROWS, C] (Σ dz, Σ dz·x̂), pgate [GATE_ROWS, C] (Σ dh·skip) in; dweight, dbias (C
-    values, contiguous, the parameters' dtype) and dgate (C values or one) out."""
+def _store_nc_sums(sums_ptr, dscale_ptr, dshift_ptr, n, N, C, c, c_mask, sum_dz, sum_dzx, gam, bet, mod,
+                   HAS_SCALE: tl.constexpr, STORE_SUMS: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                   NEED_DSHIFT: tl.constexpr):
+    """The per-(n, c) results of B = Σ du and A = Σ du·x̂ of sample n's channels c: the rows of
+    sums [2, N, C] that dβ and dγ sum over N, as (1 + scale)·B and (1 + scale)·A (``mod``), and
+    d_shift = B, d_scale = γ·A + β·B (γ, β the parameters, not the modulated ones) into the dense
+    [N, C] outputs dshift, dscale (their dtypes)."""
+    if STORE_SUMS:
+        if HAS_SCALE:
+            tl.store(sums_ptr + n * C + c, sum_dz * mod, mask=c_mask)
+            tl.store(sums_ptr + N * C + n * C + c, sum_dzx * mod, mask=c_mask)
+        else:
+            tl.store(sums_ptr + n * C + c, sum_dz, mask=c_mask)
+            tl.store(sums_ptr + N * C + n * C + c, sum_dzx, mask=c_mask)
+    if NEED_DSHIFT:
+        tl.store(dshift_ptr + n * C + c, sum_dz.to(dshift_ptr.dtype.element_ty), mask=c_mask)
+    if NEED_DSCALE:
+        tl.store(dscale_ptr + n * C + c, (gam * sum_dzx + bet * sum_dz).to(dscale_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _sum_rows(ptr, ROWS, C, c, c_mask, ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ over the ROWS rows of a dense [ROWS, C] partial buffer for channels c, in a fixed order."""
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    acc = tl.zeros([BLOCK_C], dtype=acc_ty)
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        m = (rows < ROWS)[:, None] & c_mask[None, :]
+        acc += tl.sum(tl.load(ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0), axis=0)
+    return acc
+
+
+@triton.jit
+def _sum_param_partials(sums_ptr, pgate_ptr, pslope_ptr, dweight_ptr, dbias_ptr, dgate_ptr, dslope_ptr,
+                        C, SUM_ROWS, PART_ROWS, c_first, c_step,
+                        NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DGATE: tl.constexpr,
+                        SCALAR_GATE: tl.constexpr, NEED_DSLOPE: tl.constexpr, SCALAR_SLOPE: tl.constexpr,
+                        ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dβ, dγ, the gate's and PReLU's slope gradients from the backward's partials, summed over
+    rows in a fixed order (deterministic), for the channel blocks from c_first in steps of c_step
+    (all of them, and a single-value gate's / slope's sum over channels, when one program runs it).
+    Pointers: sums [2, SUM_ROWS, C] ((1 + scale)·Σ du, (1 + scale)·Σ du·x̂), pgate and pslope
+    [PART_ROWS, C] (Σ dh·skip, Σ dy·u over u ≤ 0) in; dweight, dbias (C values, contiguous, the
+    parameters' dtype), dgate and dslope (C values or one) out."""
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     gate_total = tl.zeros([BLOCK_C], dtype=acc_ty)
+    slope_total = tl.zeros([BLOCK_C], dtype=acc_ty)
     for c0 in range(c_first, C, c_step):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
@@ -318,33 +438,40 @@ def _sum_param_partials(sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, 
             if NEED_DWEIGHT:
                 tl.store(dweight_ptr + c, acc_dw.to(dweight_ptr.dtype.element_ty), mask=c_mask)
         if NEED_DGATE:
-            acc_gate = tl.zeros([BLOCK_C], dtype=acc_ty)
-            for r0 in range(0, GATE_ROWS, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                m = (rows < GATE_ROWS)[:, None] & c_mask[None, :]
-                acc_gate += tl.sum(tl.load(pgate_ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0), axis=0)
+            acc_gate = _sum_rows(pgate_ptr, PART_ROWS, C, c, c_mask, ACC_FP64, BLOCK_R, BLOCK_C)
             if SCALAR_GATE:
                 gate_total += acc_gate
             else:
                 tl.store(dgate_ptr + c, acc_gate.to(dgate_ptr.dtype.element_ty), mask=c_mask)
+        if NEED_DSLOPE:
+            acc_slope = _sum_rows(pslope_ptr, PART_ROWS, C, c, c_mask, ACC_FP64, BLOCK_R, BLOCK_C)
+            if SCALAR_SLOPE:
+                slope_total += acc_slope
+            else:
+                tl.store(dslope_ptr + c, acc_slope.to(dslope_ptr.dtype.element_ty), mask=c_mask)
     if NEED_DGATE and SCALAR_GATE:
         tl.store(dgate_ptr, tl.sum(gate_total, axis=0).to(dgate_ptr.dtype.element_ty))
+    if NEED_DSLOPE and SCALAR_SLOPE:
+        tl.store(dslope_ptr, tl.sum(slope_total, axis=0).to(dslope_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _group_norm_act_param_grad_kernel(
-    sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr,
-    C, SUM_ROWS, GATE_ROWS,
+    sums_ptr, pgate_ptr, pslope_ptr, dweight_ptr, dbias_ptr, dgate_ptr, dslope_ptr,
+    C, SUM_ROWS, PART_ROWS,
     NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DGATE: tl.constexpr, SCALAR_GATE: tl.constexpr,
+    NEED_DSLOPE: tl.constexpr, SCALAR_SLOPE: tl.constexpr,
     ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The split backward's dβ, dγ and gate gradient (``_sum_param_partials``). Grid (programs,):
-    program p sums channel blocks p, p + programs, … (one program for a single-value gate).
-    Pointers: sums [2, SUM_ROWS, C], pgate [GATE_ROWS, C] in; dweight, dbias, dgate out."""
+    """The split backward's dβ, dγ, gate and PReLU slope gradients (``_sum_param_partials``).
+    Grid (programs,): program p sums channel blocks p, p + programs, … (one program for a
+    single-value gate or slope). Pointers: sums [2, SUM_ROWS, C], pgate / pslope [PART_ROWS, C]
+    in; dweight, dbias, dgate, dslope out."""
     pid = tl.program_id(0)
-    _sum_param_partials(sums_ptr, pgate_ptr, dweight_ptr, dbias_ptr, dgate_ptr, C, SUM_ROWS, GATE_ROWS,
-                        pid * BLOCK_C, tl.num_programs(0) * BLOCK_C, NEED_DWEIGHT, NEED_DBIAS, NEED_DGATE,
-                        SCALAR_GATE, ACC_FP64, BLOCK_R, BLOCK_C)
+    _sum_param_partials(sums_ptr, pgate_ptr, pslope_ptr, dweight_ptr, dbias_ptr, dgate_ptr, dslope_ptr,
+                        C, SUM_ROWS, PART_ROWS, pid * BLOCK_C, tl.num_programs(0) * BLOCK_C,
+                        NEED_DWEIGHT, NEED_DBIAS, NEED_DGATE, SCALAR_GATE, NEED_DSLOPE, SCALAR_SLOPE,
+                        ACC_FP64, BLOCK_R, BLOCK_C)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,30 +592,37 @@ def _group_stats(stat_ptr, n, G, c, c_mask, CG):
     return tl.load(stat_ptr + n * G + c // CG, mask=c_mask, other=0.0)
 
 
-@autotune(configs=tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP"], fixed=FIXED_TILE)
+@autotune(configs=tile_configs(), key=["C", "S", "CHANNELS_INNER", "INT64", "HAS_SKIP", "HAS_RES"], fixed=FIXED_TILE)
 @triton.jit
 def _group_norm_act_apply_kernel(
-    x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, out_ptr,
+    x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, aw_ptr, mean_ptr, rstd_ptr,
+    out_ptr,
     C, S, W, G, CG, slope_hi, slope_lo,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
+    res_sn, res_sc, res_sh, res_sw,
     out_sn, out_sc, out_sh, out_sw,
-    gate_sc, weight_sc, bias_sc,
-    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    gate_sc, weight_sc, bias_sc, scale_sn, scale_sc, shift_sn, shift_sc, aw_sc,
+    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, CHANNELS_INNER: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Split forward, pass 3: y = act((h − μ)·rstd·γ + β) for one tile, h = x [+ a·skip].
+    """Split forward, pass 3: y = act((h − μ)·rstd·γ' + β' [+ residual]) for one tile,
+    h = x [+ a·skip], γ' = γ·(1 + scale), β' = β·(1 + scale) + shift.
 
-    Grid (N · S-tiles, C-tiles) (``tile_program``), autotuned tile. Pointers: x, skip (read),
-    y (written); gate / w / b vectors; mean / rstd [N, G] from pass 2."""
+    Grid (N · S-tiles, C-tiles) (``tile_program``), autotuned tile. Pointers: x, skip, res
+    (residual, read), y (written); gate / w / b / aw (PReLU slope) vectors; scale / shift
+    per-(n, c) values; mean / rstd [N, G] from pass 2."""
     n, s, c, c_mask, mask = tile_program(S, C, BLOCK_S, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+    slope = _act_slope(slope_hi, slope_lo, aw_ptr, c, c_mask, aw_sc, ACT, ACC_FP64)
 
     mu = _group_stats(mean_ptr, n, G, c, c_mask, CG)
     r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
     gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+    gam, bet, _ = _modulate(gam, bet, scale_ptr, shift_ptr, n, c, c_mask, scale_sn, scale_sc, shift_sn, shift_sc,
+                            HAS_SCALE, HAS_SHIFT, ACC_FP64)
 
     if MERGED_HW:
         s_hi = s * 0
@@ -503,10 +637,13 @@ def _group_norm_act_apply_kernel(
         k = tl.load(skip_ptr + n * skip_sn + c[None, :] * skip_sc + (s_hi * skip_sh + s_lo * skip_sw)[:, None],
                     mask=mask, other=0.0).to(acc_ty)
         h += a[None, :] * k
-    # The same z formula as the backward recomputation, so act'(z) matches the forward exactly.
+    # The same u formula as the backward recomputation, so act'(u) matches the forward exactly.
     xhat = (h - mu[None, :]) * r[None, :]
-    z = xhat * gam[None, :] + bet[None, :]
-    y = activation(z, ACT, slope)
+    u = xhat * gam[None, :] + bet[None, :]
+    if HAS_RES:
+        u += tl.load(res_ptr + n * res_sn + c[None, :] * res_sc + (s_hi * res_sh + s_lo * res_sw)[:, None],
+                     mask=mask, other=0.0).to(acc_ty)
+    y = activation(u, ACT, slope)
     tl.store(out_ptr + n * out_sn + c[None, :] * out_sc + (s_hi * out_sh + s_lo * out_sw)[:, None],
              y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -516,34 +653,43 @@ def _group_norm_act_apply_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _group_norm_act_backward_reduce_kernel(
-    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, psum_dz_ptr, psum_dzx_ptr,
+    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, aw_ptr,
+    mean_ptr, rstd_ptr, psum_dz_ptr, psum_dzx_ptr, pslope_ptr,
     C, S, W, G, CG, num_chunks, S_PER_PROG, slope_hi, slope_lo,
     grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
-    gate_sc, weight_sc, bias_sc,
-    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
+    res_sn, res_sc, res_sh, res_sw,
+    gate_sc, weight_sc, bias_sc, scale_sn, scale_sc, shift_sn, shift_sc, aw_sc,
+    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr, NEED_DSLOPE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Split backward, pass 1: per-channel Σ dz and Σ dz·x̂ over one S-chunk (dz = dy·act'(z)).
+    """Split backward, pass 1: per-channel Σ du and Σ du·x̂ over one S-chunk (du = dy·act'(u),
+    u = x̂·γ' + β' [+ residual]), and PReLU's slope partial Σ dy·u over u ≤ 0.
 
-    Grid (N · chunks, C-blocks). Pointers: dy, x, skip (read); gate / w / b vectors; mean / rstd
-    [N, G]; psum_dz / psum_dzx [N · chunks, C] partial outputs."""
+    Grid (N · chunks, C-blocks). Pointers: dy, x, skip, res (read); gate / w / b / aw vectors;
+    scale / shift per-(n, c) values; mean / rstd [N, G]; psum_dz / psum_dzx / pslope
+    [N · chunks, C] partial outputs."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+    slope = _act_slope(slope_hi, slope_lo, aw_ptr, c, c_mask, aw_sc, ACT, ACC_FP64)
     mu = _group_stats(mean_ptr, n, G, c, c_mask, CG)
     r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
     gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+    gam, bet, _ = _modulate(gam, bet, scale_ptr, shift_ptr, n, c, c_mask, scale_sn, scale_sc, shift_sn, shift_sc,
+                            HAS_SCALE, HAS_SHIFT, ACC_FP64)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
     x_base = n * x_sn + c[None, :] * x_sc
     skip_base = n * skip_sn + c[None, :] * skip_sc
+    res_base = n * res_sn + c[None, :] * res_sc
     grad_base = n * grad_sn + c[None, :] * grad_sc
 
     acc_dz = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     acc_dzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
+    acc_slope = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     for i in range(0, S_PER_PROG, BLOCK_S):
         s = s_begin + i + tl.arange(0, BLOCK_S)
         mask = (s < S)[:, None] & c_mask[None, :]
@@ -560,25 +706,35 @@ def _group_norm_act_backward_reduce_kernel(
             h += a[None, :] * k
         dy = tl.load(grad_ptr + grad_base + (s_hi * grad_sh + s_lo * grad_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
         xhat = (h - mu[None, :]) * r[None, :]
-        z = xhat * gam[None, :] + bet[None, :]
-        dz = dy * activation_grad(z, ACT, slope)  # masked lanes: dy = 0
+        u = xhat * gam[None, :] + bet[None, :]
+        if HAS_RES:
+            u += tl.load(res_ptr + res_base + (s_hi * res_sh + s_lo * res_sw)[:, None],
+                         mask=mask, other=0.0).to(acc_ty)
+        dz = dy * activation_grad(u, ACT, slope)  # masked lanes: dy = 0
         acc_dz += dz
         acc_dzx += dz * xhat
+        if NEED_DSLOPE:
+            acc_slope += prelu_slope_grad(dy, u)
     tl.store(psum_dz_ptr + row * C + c, tl.sum(acc_dz, axis=0), mask=c_mask)
     tl.store(psum_dzx_ptr + row * C + c, tl.sum(acc_dzx, axis=0), mask=c_mask)
+    if NEED_DSLOPE:
+        tl.store(pslope_ptr + row * C + c, tl.sum(acc_slope, axis=0), mask=c_mask)
 
 
 @triton.jit
 def _group_norm_act_backward_finalize_kernel(
-    psum_dz_ptr, psum_dzx_ptr, weight_ptr, sums_ptr, m1_ptr, m2_ptr,
-    N, C, G, CG, S, num_chunks, weight_sc,
-    HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
+    psum_dz_ptr, psum_dzx_ptr, weight_ptr, bias_ptr, scale_ptr, sums_ptr, m1_ptr, m2_ptr, dscale_ptr, dshift_ptr,
+    N, C, G, CG, S, num_chunks, weight_sc, bias_sc, scale_sn, scale_sc,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
-    """Split backward, pass 2: per-(n, c) Σ dz, Σ dz·x̂ (for dβ, dγ) and the group means
-    m1 = mean(γ·dz), m2 = mean(γ·dz·x̂) of one group.
+    """Split backward, pass 2: per-(n, c) B = Σ du, A = Σ du·x̂ → the rows of sums for dβ, dγ
+    (times 1 + scale), d_shift = B and d_scale = γ·A + β·B; and the group means
+    m1 = mean(γ'·du), m2 = mean(γ'·du·x̂) of one group (γ' = γ·(1 + scale)).
 
-    Grid (N · G,). Pointers: psum_dz / psum_dzx [N · chunks, C] in; w vector; sums [2, N, C],
-    m1 / m2 [N, G] out."""
+    Grid (N · G,). Pointers: psum_dz / psum_dzx [N · chunks, C] in; w / b vectors; scale
+    per-(n, c) values; sums [2, N, C], m1 / m2 [N, G], dscale / dshift dense [N, C] out."""
     pid = tl.program_id(0)  # = n · G + g
     n = pid // G
     g = pid % G
@@ -597,13 +753,16 @@ def _group_norm_act_backward_finalize_kernel(
             off = (n * num_chunks + k)[:, None] * C + ch[None, :]
             sum_dz += tl.sum(tl.load(psum_dz_ptr + off, mask=mask, other=0.0), axis=0)
             sum_dzx += tl.sum(tl.load(psum_dzx_ptr + off, mask=mask, other=0.0), axis=0)
+        gam, bet = load_affine(weight_ptr, bias_ptr, ch, cm, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS and NEED_DSCALE,
+                               ACC_FP64, BLOCK_CG)
+        gam_e, _, mod = _modulate(gam, bet, scale_ptr, scale_ptr, n, ch, cm, scale_sn, scale_sc, 0, 0,
+                                  HAS_SCALE, False, ACC_FP64)
         # Per-(n, c) sums; _group_norm_act_param_grad_kernel sums them over N into dβ (row 0), dγ (row 1).
-        tl.store(sums_ptr + n * C + ch, sum_dz, mask=cm)
-        tl.store(sums_ptr + N * C + n * C + ch, sum_dzx, mask=cm)
-        if HAS_WEIGHT:
-            gam = tl.load(weight_ptr + ch * weight_sc, mask=cm, other=0.0).to(acc_ty)
-            grp_dz += gam * sum_dz  # Σ_group g = Σ_c γ_c Σ dz
-            grp_dzx += gam * sum_dzx  # Σ_group g·x̂ = Σ_c γ_c Σ dz·x̂
+        _store_nc_sums(sums_ptr, dscale_ptr, dshift_ptr, n, N, C, ch, cm, sum_dz, sum_dzx, gam, bet, mod,
+                       HAS_SCALE, True, NEED_DSCALE, NEED_DSHIFT)
+        if HAS_WEIGHT or HAS_SCALE:
+            grp_dz += gam_e * sum_dz  # Σ_group g = Σ_c γ'_c Σ du
+            grp_dzx += gam_e * sum_dzx  # Σ_group g·x̂ = Σ_c γ'_c Σ du·x̂
         else:
             grp_dz += sum_dz
             grp_dzx += sum_dzx
@@ -614,40 +773,48 @@ def _group_norm_act_backward_finalize_kernel(
 
 @triton.jit
 def _group_norm_act_backward_dx_kernel(
-    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, m1_ptr, m2_ptr,
-    dx_ptr, dskip_ptr, pgate_ptr,
+    grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, aw_ptr,
+    mean_ptr, rstd_ptr, m1_ptr, m2_ptr, dx_ptr, dskip_ptr, dres_ptr, pgate_ptr,
     C, S, W, G, CG, num_chunks, S_PER_PROG, slope_hi, slope_lo,
     grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
+    res_sn, res_sc, res_sh, res_sw,
     dx_sn, dx_sc, dx_sh, dx_sw,
     dskip_sn, dskip_sc, dskip_sh, dskip_sw,
-    gate_sc, weight_sc, bias_sc,
-    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    dres_sn, dres_sc, dres_sh, dres_sw,
+    gate_sc, weight_sc, bias_sc, scale_sn, scale_sc, shift_sn, shift_sc, aw_sc,
+    HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr, NEED_DRES: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Split backward, pass 3: dh = rstd·(γ·dz − m1 − x̂·m2) → dx, d_skip = a·dh, and per-chunk
-    partials of the gate's gradient Σ dh·skip.
+    """Split backward, pass 3: dh = rstd·(γ'·du − m1 − x̂·m2) → dx, d_skip = a·dh, d_residual = du,
+    and per-chunk partials of the gate's gradient Σ dh·skip.
 
-    Grid (N · chunks, C-blocks). Pointers: dy, x, skip (read), dx, dskip (written); gate / w / b
-    vectors; mean / rstd / m1 / m2 [N, G]; pgate [N · chunks, C] partial output."""
+    Grid (N · chunks, C-blocks). Pointers: dy, x, skip, res (read), dx, dskip, dres (written);
+    gate / w / b / aw vectors; scale / shift per-(n, c) values; mean / rstd / m1 / m2 [N, G];
+    pgate [N · chunks, C] partial output."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    slope = acc_scalar(slope_hi, slope_lo, ACC_FP64)
+    slope = _act_slope(slope_hi, slope_lo, aw_ptr, c, c_mask, aw_sc, ACT, ACC_FP64)
     mu = _group_stats(mean_ptr, n, G, c, c_mask, CG)
     r = _group_stats(rstd_ptr, n, G, c, c_mask, CG)
     m1 = _group_stats(m1_ptr, n, G, c, c_mask, CG)
     m2 = _group_stats(m2_ptr, n, G, c, c_mask, CG)
     gam, bet = load_affine(weight_ptr, bias_ptr, c, c_mask, weight_sc, bias_sc, HAS_WEIGHT, HAS_BIAS, ACC_FP64, BLOCK_C)
+    gam, bet, _ = _modulate(gam, bet, scale_ptr, shift_ptr, n, c, c_mask, scale_sn, scale_sc, shift_sn, shift_sc,
+                            HAS_SCALE, HAS_SHIFT, ACC_FP64)
     if HAS_SKIP:
         a = tl.load(gate_ptr + c * gate_sc, mask=c_mask, other=0.0).to(acc_ty)
     x_base = n * x_sn + c[None, :] * x_sc
     skip_base = n * skip_sn + c[None, :] * skip_sc
+    res_base = n * res_sn + c[None, :] * res_sc
     grad_base = n * grad_sn + c[None, :] * grad_sc
     dx_base = n * dx_sn + c[None, :] * dx_sc
     dskip_base = n * dskip_sn + c[None, :] * dskip_sc
+    dres_base = n * dres_sn + c[None, :] * dres_sc
 
     acc_gate = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     for i in range(0, S_PER_PROG, BLOCK_S):
@@ -666,8 +833,11 @@ def _group_norm_act_backward_dx_kernel(
             h += a[None, :] * k
         dy = tl.load(grad_ptr + grad_base + (s_hi * grad_sh + s_lo * grad_sw)[:, None], mask=mask, other=0.0).to(acc_ty)
         xhat = (h - mu[None, :]) * r[None, :]
-        z = xhat * gam[None, :] + bet[None, :]
-        dz = dy * activation_grad(z, ACT, slope)
+        u = xhat * gam[None, :] + bet[None, :]
+        if HAS_RES:
+            u += tl.load(res_ptr + res_base + (s_hi * res_sh + s_lo * res_sw)[:, None],
+                         mask=mask, other=0.0).to(acc_ty)
+        dz = dy * activation_grad(u, ACT, slope)
         dh = r[None, :] * (gam[None, :] * dz - m1[None, :] - xhat * m2[None, :])
         if NEED_DX:
             tl.store(dx_ptr + dx_base + (s_hi * dx_sh + s_lo * dx_sw)[:, None],
@@ -675,6 +845,9 @@ def _group_norm_act_backward_dx_kernel(
         if NEED_DSKIP:
             tl.store(dskip_ptr + dskip_base + (s_hi * dskip_sh + s_lo * dskip_sw)[:, None],
                      (a[None, :] * dh).to(dskip_ptr.dtype.element_ty), mask=mask)
+        if NEED_DRES:
+            tl.store(dres_ptr + dres_base + (s_hi * dres_sh + s_lo * dres_sw)[:, None],
+                     dz.to(dres_ptr.dtype.element_ty), mask=mask)
         if NEED_DGATE:
             acc_gate += dh * k  # masked lanes: k = 0
     if NEED_DGATE:
@@ -739,10 +912,32 @@ def _state_key() -> tuple:
             SMALL_GROUP_ELEMS, SINGLE_PASS_ELEMS_PER_THREAD, MAX_WARPS, REDUCE_TILE)
 
 
+class Extras(NamedTuple):
+    """The optional operands after the norm, each None when absent: ``residual`` (x's shape, any
+    strides), ``scale`` and ``shift`` (one value per (n, c): [N, C] or [N, C, 1, 1], any float
+    dtype) and PReLU's learned slope ``act_weight`` (1 or C values; only with the PRELU activation).
+    Their presence is part of every plan key (through :func:`launch.signature`)."""
+    residual: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+    act_weight: Optional[torch.Tensor] = None
+
+    def flags(self) -> dict:
+        """The kernels' HAS_RES / HAS_SCALE / HAS_SHIFT constexprs."""
+        return dict(HAS_RES=self.residual is not None, HAS_SCALE=self.scale is not None,
+                    HAS_SHIFT=self.shift is not None)
+
+    def strides(self) -> tuple:
+        """``(scale_sn, scale_sc, shift_sn, shift_sc, aw_sc)`` as the kernels take them (zeros for
+        absent operands, 0 for a single slope: broadcast)."""
+        nc = [(0, 0) if t is None else (t.stride(0), t.stride(1)) for t in (self.scale, self.shift)]
+        return (*nc[0], *nc[1], vector_stride(self.act_weight))
+
+
 class _Plans(NamedTuple):
     """The launches of one call: ``single`` (the single-pass launch) or ``split`` (the split
-    design's three), ``params`` (the split backward's dγ/dβ/gate sums, or None) and ``rows`` (rows
-    of the partial buffers, N · chunks; N for the single pass)."""
+    design's three), ``params`` (the split backward's dγ/dβ/gate/slope sums, or None) and ``rows``
+    (rows of the partial buffers, N · chunks; N for the single pass)."""
     single: Optional[Plan]
     split: Tuple[Plan, ...]
     params: Optional[Plan]
@@ -754,15 +949,17 @@ def _single_meta(tile: GroupTile, cg: int, flags: dict) -> dict:
                 num_warps=tile.num_warps)
 
 
-def _forward_plans(x, y, weight, bias, skip, gate, g: int, eps: float, act_id: int, slope: float) -> _Plans:
+def _forward_plans(x, y, weight, bias, skip, gate, g: int, eps: float, act_id: int, slope: float,
+                   ex: Extras) -> _Plans:
     n, c, hh, ww = x.shape
     s = hh * ww
-    tensors = [x, y] + ([skip] if skip is not None else [])
+    tensors = [t for t in (x, y, skip, ex.residual) if t is not None]
     merged = all_spatial_mergeable(tensors)
-    flags = dict(HAS_SKIP=skip is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_id,
-                 MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=x.dtype == torch.float64)
-    vectors = (vector_stride(gate), vector_stride(weight), vector_stride(bias))
-    strides = (*kernel_strides(x, merged), *kernel_strides(skip, merged), *kernel_strides(y, merged))
+    flags = dict(HAS_SKIP=skip is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **ex.flags(),
+                 ACT=act_id, MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=x.dtype == torch.float64)
+    vectors = (vector_stride(gate), vector_stride(weight), vector_stride(bias), *ex.strides())
+    strides = (*kernel_strides(x, merged), *kernel_strides(skip, merged), *kernel_strides(ex.residual, merged),
+               *kernel_strides(y, merged))
     tile = single_pass_tile(x, g)
     if tile is not None:
         args = (s, ww, g, c // g, *split_fp64(eps), *split_fp64(slope), *strides, *vectors)
@@ -782,10 +979,14 @@ def _forward_plans(x, y, weight, bias, skip, gate, g: int, eps: float, act_id: i
 def group_norm_act_forward(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
-    num_groups: int, eps: float, act_id: int, slope: float, launcher=launch.launch,
+    num_groups: int, eps: float, act_id: int, slope: float, launcher=launch.launch, *,
+    residual: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, rstd)``: y = act(GN(h)) in x's dtype and layout, h = x (+ gate ⊙ skip);
-    mean/rstd [N, G] in fp32 (fp64 for fp64 x). ``gate``: 1 or C values in that dtype.
+    """``(y, mean, rstd)``: y = act(GN(h)·(1 + scale) + shift + residual) in x's dtype and layout,
+    h = x (+ gate ⊙ skip); mean/rstd [N, G] in fp32 (fp64 for fp64 x). ``gate``: 1 or C values in
+    that dtype; ``residual``, ``scale``, ``shift``, ``act_weight`` (PReLU's slope, needed by the
+    PRELU activation) as :class:`Extras` describes, each optional.
     ``launcher``: ``launch.launch`` (eager: plans cached per signature) or ``launch.traced_launch``
     (a triton_op body under torch.compile: plans built afresh)."""
     n, c = x.shape[:2]
@@ -796,83 +997,112 @@ def group_norm_act_forward(
         mean = torch.zeros((n, g), dtype=acc, device=x.device)
         rstd = torch.full((n, g), 1.0 / float(np.sqrt(eps)) if eps > 0 else float("inf"), dtype=acc, device=x.device)
         return y, mean, rstd
-    build = (x, y, weight, bias, skip, gate, g, eps, act_id, slope)
+    ex = Extras(residual, scale, shift, act_weight)
+    build = (x, y, weight, bias, skip, gate, g, eps, act_id, slope, ex)
     if launcher is launch.launch:
-        key = (signature(x, weight, bias, skip, gate), g, eps, act_id, slope, _state_key())
+        key = (signature(x, weight, bias, skip, gate, *ex), g, eps, act_id, slope, _state_key())
         plans = _FORWARD_PLANS.get(key, _forward_plans, *build)
     else:
         plans = _forward_plans(*build)
     mean = torch.empty((n, g), dtype=acc, device=x.device)
     rstd = torch.empty((n, g), dtype=acc, device=x.device)
     # Absent tensors: the statistics stand in (never read: their loads sit behind constexpr flags).
-    k, a, w, b = (t if t is not None else mean for t in (skip, gate if skip is not None else None, weight, bias))
+    k, a, w, b, res, sc, sh, aw = (t if t is not None else mean for t in (
+        skip, gate if skip is not None else None, weight, bias, *ex))
     with device_guard(x):
         if plans.single is not None:
-            launcher(_group_norm_act_fused_kernel, plans.single, x, k, a, w, b, y, mean, rstd)
+            launcher(_group_norm_act_fused_kernel, plans.single, x, k, a, w, b, res, sc, sh, aw, y, mean, rstd)
         else:
             pmean = torch.empty((plans.rows, c), dtype=acc, device=x.device)
             pm2 = torch.empty((plans.rows, c), dtype=acc, device=x.device)
             stats, finalize, apply = plans.split
             launcher(_group_norm_act_stats_kernel, stats, x, k, a, pmean, pm2)
             launcher(_group_norm_stats_finalize_kernel, finalize, pmean, pm2, mean, rstd)
-            launcher(_group_norm_act_apply_kernel, apply, x, k, a, w, b, mean, rstd, y)
+            launcher(_group_norm_act_apply_kernel, apply, x, k, a, w, b, res, sc, sh, aw, mean, rstd, y)
     return y, mean, rstd
 
 
 class _Need(NamedTuple):
-    """Which gradients the backward computes (after dropping those of absent inputs)."""
+    """Which gradients the backward computes (after dropping those of absent inputs); also the
+    order of :func:`group_norm_act_backward`'s results."""
     dx: bool
     dskip: bool
     dgate: bool
     dweight: bool
     dbias: bool
+    dres: bool = False
+    dscale: bool = False
+    dshift: bool = False
+    dslope: bool = False
 
 
-def _backward_plans(grad, x, weight, bias, skip, gate, g: int, act_id: int, slope: float, need: _Need) -> _Plans:
+class _Grads(NamedTuple):
+    """The backward's outputs, in :class:`_Need`'s order (None where not asked for)."""
+    dx: Optional[torch.Tensor]
+    dskip: Optional[torch.Tensor]
+    dgate: Optional[torch.Tensor]
+    dweight: Optional[torch.Tensor]
+    dbias: Optional[torch.Tensor]
+    dres: Optional[torch.Tensor]
+    dscale: Optional[torch.Tensor]
+    dshift: Optional[torch.Tensor]
+    dslope: Optional[torch.Tensor]
+
+
+def _param_flags(need: _Need, gate, act_weight) -> dict:
+    """The constexprs of ``_sum_param_partials`` but NEED_DGATE (single-pass backward and, with
+    NEED_DGATE, the param-grad kernel)."""
+    return dict(NEED_DWEIGHT=need.dweight, NEED_DBIAS=need.dbias,
+                SCALAR_GATE=need.dgate and gate.numel() == 1, NEED_DSLOPE=need.dslope,
+                SCALAR_SLOPE=need.dslope and act_weight.numel() == 1)
+
+
+def _backward_plans(grad, x, weight, bias, skip, gate, g: int, act_id: int, slope: float, need: _Need,
+                    ex: Extras) -> _Plans:
     n, c, hh, ww = x.shape
     s = hh * ww
-    # dx and dskip as empty_like_layout will allocate them (their strides, no storage).
-    dx_like = torch.empty_like(x, device="meta", memory_format=torch.preserve_format) if need.dx else None
-    dskip_like = torch.empty_like(skip, device="meta", memory_format=torch.preserve_format) if need.dskip else None
-    tensors = [t for t in (grad, x, skip, dx_like, dskip_like) if t is not None]
+    # dx, dskip and dres as empty_like_layout will allocate them (their strides, no storage).
+    outs = [torch.empty_like(t, device="meta", memory_format=torch.preserve_format) if needed else None
+            for t, needed in ((x, need.dx), (skip, need.dskip), (ex.residual, need.dres))]
+    tensors = [t for t in (grad, x, skip, ex.residual, *outs) if t is not None]
     merged = all_spatial_mergeable(tensors)
-    flags = dict(HAS_SKIP=skip is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_id,
-                 MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=x.dtype == torch.float64)
-    need_flags = dict(NEED_DX=need.dx, NEED_DSKIP=need.dskip, NEED_DGATE=need.dgate)
-    vectors = (vector_stride(gate), vector_stride(weight), vector_stride(bias))
-    strides = (*kernel_strides(grad, merged), *kernel_strides(x, merged), *kernel_strides(skip, merged))
-    out_strides = (*kernel_strides(dx_like, merged), *kernel_strides(dskip_like, merged))
+    flags = dict(HAS_SKIP=skip is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **ex.flags(),
+                 ACT=act_id, MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=x.dtype == torch.float64)
+    need_flags = dict(NEED_DX=need.dx, NEED_DSKIP=need.dskip, NEED_DGATE=need.dgate, NEED_DRES=need.dres)
+    nc_flags = dict(NEED_DSCALE=need.dscale, NEED_DSHIFT=need.dshift)
+    vectors = (vector_stride(gate), vector_stride(weight), vector_stride(bias), *ex.strides())
+    strides = tuple(st for t in (grad, x, skip, ex.residual) for st in kernel_strides(t, merged))
+    out_strides = tuple(st for t in outs for st in kernel_strides(t, merged))
     tile = single_pass_tile(x, g, backward=True)
     if tile is not None:  # the parameter sums run in the same launch (its last program)
         args = (n, c, s, ww, g, c // g, *split_fp64(slope), *strides, *out_strides, *vectors)
         block_r, block_pc = finalize_blocks(n, c)
-        meta = _single_meta(tile, c // g, dict(flags, **need_flags, NEED_DWEIGHT=need.dweight, NEED_DBIAS=need.dbias,
-                                               SCALAR_GATE=need.dgate and gate.numel() == 1,
-                                               BLOCK_R=block_r, BLOCK_PC=block_pc))
+        meta = _single_meta(tile, c // g, dict(flags, **need_flags, **nc_flags, BLOCK_R=block_r, BLOCK_PC=block_pc,
+                                               **_param_flags(need, gate, ex.act_weight)))
         return _Plans(Plan((n * g // tile.gp,), args, meta), (), None, n)
     rp = reduce_plan(x)
     block_k, block_cg = finalize_blocks(rp.chunks, c // g)
     tiles = dict(BLOCK_S=rp.block_s, BLOCK_C=rp.block_c, num_warps=rp.num_warps)
     chunked = (c, s, ww, g, c // g, rp.chunks, rp.s_per_chunk, *split_fp64(slope), *strides)
-    reduce = Plan((rp.rows, rp.c_blocks), (*chunked, *vectors), dict(flags, **tiles))
-    finalize = Plan((n * g,), (n, c, g, c // g, s, rp.chunks, vectors[1]),
-                    dict(HAS_WEIGHT=weight is not None, ACC_FP64=flags["ACC_FP64"], BLOCK_K=block_k,
-                         BLOCK_CG=block_cg, num_warps=4))
+    reduce = Plan((rp.rows, rp.c_blocks), (*chunked, *vectors), dict(flags, NEED_DSLOPE=need.dslope, **tiles))
+    finalize = Plan((n * g,), (n, c, g, c // g, s, rp.chunks, *vectors[1:5]),  # weight_sc, bias_sc, scale_sn, scale_sc
+                    dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=ex.scale is not None,
+                         **nc_flags, ACC_FP64=flags["ACC_FP64"], BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=4))
     dx = Plan((rp.rows, rp.c_blocks), (*chunked, *out_strides, *vectors), dict(flags, **need_flags, **tiles))
-    return _Plans(None, (reduce, finalize, dx), _param_plan(c, n, rp.rows, need, gate, flags), rp.rows)
+    return _Plans(None, (reduce, finalize, dx), _param_plan(c, n, rp.rows, need, gate, ex.act_weight, flags), rp.rows)
 
 
-def _param_plan(c: int, n: int, rows: int, need: _Need, gate, flags: dict) -> Optional[Plan]:
-    """The launch of ``_group_norm_act_param_grad_kernel``: one program for a single-value gate,
-    else one per channel block; None when no parameter or gate gradient is asked for."""
-    if not (need.dweight or need.dbias or need.dgate):
+def _param_plan(c: int, n: int, rows: int, need: _Need, gate, act_weight, flags: dict) -> Optional[Plan]:
+    """The launch of ``_group_norm_act_param_grad_kernel``: one program for a single-value gate or
+    slope, else one per channel block; None when no parameter, gate or slope gradient is asked for."""
+    if not (need.dweight or need.dbias or need.dgate or need.dslope):
         return None
     block_r, block_c = finalize_blocks(max(rows, n), c)
-    scalar_gate = need.dgate and gate.numel() == 1
-    programs = 1 if scalar_gate else cdiv(c, block_c)
+    pflags = _param_flags(need, gate, act_weight)
+    programs = 1 if pflags["SCALAR_GATE"] or pflags["SCALAR_SLOPE"] else cdiv(c, block_c)
     return Plan((programs,), (c, n, rows),
-                dict(NEED_DWEIGHT=need.dweight, NEED_DBIAS=need.dbias, NEED_DGATE=need.dgate, SCALAR_GATE=scalar_gate,
-                     ACC_FP64=flags["ACC_FP64"], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4))
+                dict(pflags, NEED_DGATE=need.dgate, ACC_FP64=flags["ACC_FP64"], BLOCK_R=block_r, BLOCK_C=block_c,
+                     num_warps=4))
 
 
 def group_norm_act_backward(
@@ -880,68 +1110,90 @@ def group_norm_act_backward(
     skip: Optional[torch.Tensor], gate: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
     num_groups: int, act_id: int, slope: float,
     need_dx: bool, need_dskip: bool, need_dgate: bool, need_dweight: bool, need_dbias: bool,
-    launcher=launch.launch,
+    launcher=launch.launch, *,
+    residual: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None,
+    need_dres: bool = False, need_dscale: bool = False, need_dshift: bool = False, need_dslope: bool = False,
 ) -> Tuple[Optional[torch.Tensor], ...]:
-    """``(dx, dskip, dgate, dweight, dbias)``; ``None`` for gradients not asked for.
+    """``(dx, dskip, dgate, dweight, dbias, dresidual, dscale, dshift, dact_weight)``; ``None`` for
+    gradients not asked for (or of absent inputs).
 
-    dx (= d_up) and dskip have x's / skip's layout and dtype, dgate the gate's shape and dtype,
-    dweight / dbias the parameters' shape and dtype. ``grad`` may have any strides (expanded,
-    sliced). ``launcher`` as for :func:`group_norm_act_forward`.
+    dx (= d_up), dskip and dresidual have x's / skip's / residual's layout and dtype; dgate,
+    dweight, dbias, dscale, dshift and dact_weight are dense in their input's shape and dtype.
+    ``grad`` may have any strides (expanded, sliced). ``launcher`` as for
+    :func:`group_norm_act_forward`.
     """
+    ex = Extras(residual, scale, shift, act_weight)
     has_skip = skip is not None
     need = _Need(need_dx, need_dskip and has_skip, need_dgate and has_skip,
-                 need_dweight and weight is not None, need_dbias and bias is not None)
-    dx = empty_like_layout(x) if need.dx else None
-    dskip = empty_like_layout(skip) if need.dskip else None
+                 need_dweight and weight is not None, need_dbias and bias is not None,
+                 need_dres and residual is not None, need_dscale and scale is not None,
+                 need_dshift and shift is not None, need_dslope and act_weight is not None)
     if x.numel() == 0:
-        return (dx, dskip, torch.zeros_like(gate) if need.dgate else None,
-                torch.zeros_like(weight) if need.dweight else None, torch.zeros_like(bias) if need.dbias else None)
+        return _empty_grads(x, skip, gate, weight, bias, ex, need)
     if not any(need):
-        return None, None, None, None, None
-    build = (grad, x, weight, bias, skip, gate, num_groups, act_id, slope, need)
+        return (None,) * len(need)
+    build = (grad, x, weight, bias, skip, gate, num_groups, act_id, slope, need, ex)
     if launcher is launch.launch:
-        key = (signature(grad, x, weight, bias, skip, gate), num_groups, act_id, slope, need, _state_key())
+        key = (signature(grad, x, weight, bias, skip, gate, *ex), num_groups, act_id, slope, need, _state_key())
         plans = _BACKWARD_PLANS.get(key, _backward_plans, *build)
     else:
         plans = _backward_plans(*build)
 
-    def new(t, needed):  # a dense gradient of a vector, written by the param-grad kernel
+    def new(t, needed):  # a dense gradient of a vector / per-(n, c) operand, written by a kernel
         return torch.empty(t.shape, dtype=t.dtype, device=t.device) if needed else None
 
-    dgate, dweight, dbias = new(gate, need.dgate), new(weight, need.dweight), new(bias, need.dbias)
+    grads = _Grads(empty_like_layout(x) if need.dx else None, empty_like_layout(skip) if need.dskip else None,
+                  new(gate, need.dgate), new(weight, need.dweight), new(bias, need.dbias),
+                  empty_like_layout(residual) if need.dres else None, new(scale, need.dscale),
+                  new(shift, need.dshift), new(act_weight, need.dslope))
     with device_guard(x):
-        _launch_backward(plans, launcher, grad, x, weight, bias, skip, gate, mean, rstd,
-                         dx, dskip, dgate, dweight, dbias, need)
-    return dx, dskip, dgate, dweight, dbias
+        _launch_backward(plans, launcher, grad, x, weight, bias, skip, gate, ex, mean, rstd, grads, need)
+    return tuple(grads)
 
 
-def _launch_backward(plans: _Plans, launcher, grad, x, weight, bias, skip, gate, mean, rstd,
-                     dx, dskip, dgate, dweight, dbias, need: _Need) -> None:
-    """The backward's launches on freshly allocated partial buffers."""
+def _empty_grads(x, skip, gate, weight, bias, ex: Extras, need: _Need) -> tuple:
+    """The gradients of an empty batch: empty tensors, zero for the parameters and the slope."""
+    return (torch.empty_like(x) if need.dx else None, torch.empty_like(skip) if need.dskip else None,
+            *(torch.zeros_like(t) if needed else None for t, needed in (
+                (gate, need.dgate), (weight, need.dweight), (bias, need.dbias))),
+            torch.empty_like(ex.residual) if need.dres else None,
+            *(torch.zeros_like(t) if needed else None for t, needed in (
+                (ex.scale, need.dscale), (ex.shift, need.dshift), (ex.act_weight, need.dslope))))
+
+
+def _launch_backward(plans: _Plans, launcher, grad, x, weight, bias, skip, gate, ex: Extras, mean, rstd,
+                     grads: _Grads, need: _Need) -> None:
+    """The backward's launches on freshly allocated partial buffers; ``grads`` holds the outputs
+    (None where not asked for)."""
     n, c = x.shape[:2]
     acc = mean.dtype
     # Absent tensors: the statistics stand in (never read nor written: constexpr flags guard them).
-    k, a, w, b, dx_, dskip_ = (t if t is not None else mean for t in (skip, gate if skip is not None else None,
-                                                                         weight, bias, dx, dskip))
+    k, a, w, b, res, sc, sh, aw = (t if t is not None else mean for t in (
+        skip, gate if skip is not None else None, weight, bias, *ex))
+    dx_, dskip_, dgate_, dw_, db_, dres_, dscale_, dshift_, dslope_ = (t if t is not None else mean for t in grads)
     split = plans.single is None
     sums = (torch.empty((2, n, c), dtype=acc, device=x.device)
             if (need.dweight or need.dbias or split) else mean)  # the split finalize always writes them
     pgate = torch.empty((plans.rows, c), dtype=acc, device=x.device) if need.dgate else mean
-    dw_, db_, dgate_ = (t if t is not None else mean for t in (dweight, dbias, dgate))
+    pslope = torch.empty((plans.rows, c), dtype=acc, device=x.device) if need.dslope else mean
     if not split:
         ticket = tickets(x.device, 1, traced=launcher is not launch.launch)
-        launcher(_group_norm_act_backward_fused_kernel, plans.single,
-                 grad, x, k, a, w, b, mean, rstd, dx_, dskip_, sums, pgate, dw_, db_, dgate_, ticket)
+        launcher(_group_norm_act_backward_fused_kernel, plans.single, grad, x, k, a, w, b, res, sc, sh, aw,
+                 mean, rstd, dx_, dskip_, dres_, sums, pgate, pslope, dw_, db_, dgate_, dscale_, dshift_, dslope_,
+                 ticket)
     else:
         psum_dz = torch.empty((plans.rows, c), dtype=acc, device=x.device)
         psum_dzx = torch.empty((plans.rows, c), dtype=acc, device=x.device)
         m1 = torch.empty_like(mean)
         m2 = torch.empty_like(mean)
         reduce, finalize, dx_plan = plans.split
-        launcher(_group_norm_act_backward_reduce_kernel, reduce, grad, x, k, a, w, b, mean, rstd, psum_dz, psum_dzx)
-        launcher(_group_norm_act_backward_finalize_kernel, finalize, psum_dz, psum_dzx, w, sums, m1, m2)
-        if need.dx or need.dskip or need.dgate:
-            launcher(_group_norm_act_backward_dx_kernel, dx_plan,
-                     grad, x, k, a, w, b, mean, rstd, m1, m2, dx_, dskip_, pgate)
+        launcher(_group_norm_act_backward_reduce_kernel, reduce, grad, x, k, a, w, b, res, sc, sh, aw, mean, rstd,
+                 psum_dz, psum_dzx, pslope)
+        launcher(_group_norm_act_backward_finalize_kernel, finalize, psum_dz, psum_dzx, w, b, sc, sums, m1, m2,
+                 dscale_, dshift_)
+        if need.dx or need.dskip or need.dgate or need.dres:
+            launcher(_group_norm_act_backward_dx_kernel, dx_plan, grad, x, k, a, w, b, res, sc, sh, aw,
+                     mean, rstd, m1, m2, dx_, dskip_, dres_, pgate)
     if plans.params is not None:
-        launcher(_group_norm_act_param_grad_kernel, plans.params, sums, pgate, dw_, db_, dgate_)
+        launcher(_group_norm_act_param_grad_kernel, plans.params, sums, pgate, pslope, dw_, db_, dgate_, dslope_)

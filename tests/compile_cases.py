@@ -89,9 +89,24 @@ def cases_group_norm() -> Cases:
             b = torch.rand(c, dtype=dtype, requires_grad=True)
             skip = make(shape, dtype, layout, True) if has_skip else None
             gate = torch.rand(c, requires_grad=True) if has_skip else None
+            slope = torch.rand(c, requires_grad=True) if act == "prelu" else None
             backward(group_norm_act(make(shape, dtype, layout, True), groups, w, b, 1e-5, act, 0.2,
-                                    skip=skip, gate=gate))
+                                    skip=skip, gate=gate, act_weight=slope))
         yield f"group_norm_act {dtype} {layout} {act} skip={has_skip}", case
+    # After the norm: residual, per-(n, c) scale / shift (each alone and together), PReLU slopes.
+    for dtype, layout, (res, scale, shift), (act, slopes) in itertools.product(
+            _dtypes(), LAYOUTS, ((True, False, False), (False, True, False), (False, False, True), (True, True, True)),
+            (("silu", 0), ("prelu", 1), ("prelu", c))):
+        def post_case(dtype=dtype, layout=layout, res=res, scale=scale, shift=shift, act=act, slopes=slopes):
+            n = shape[0]
+            backward(group_norm_act(
+                make(shape, dtype, layout, True), groups, torch.rand(c, dtype=dtype, requires_grad=True), None,
+                1e-5, act, residual=make(shape, dtype, layout, True) if res else None,
+                scale=torch.randn(n, 2 * c, 1, 1, dtype=dtype, requires_grad=True)[:, :c] if scale else None,
+                shift=torch.randn(n, c, dtype=dtype, requires_grad=True) if shift else None,
+                act_weight=torch.rand(slopes, requires_grad=True) if slopes else None))
+        yield (f"group_norm_act {dtype} {layout} residual={res} scale={scale} shift={shift} {act}({slopes})",
+               post_case)
     # Weight only / bias only / neither, as fp32 parameters with any x (autocast).
     for dtype, (has_w, has_b), act in itertools.product(_dtypes(), ((True, False), (False, True), (False, False)),
                                                         ("relu", "gelu")):
@@ -181,6 +196,14 @@ def cases_batch_norm() -> Cases:
             out = m(x, make(shape, dtype, layout, True), torch.rand(c, requires_grad=True)) if has_skip else m(x)
             backward(out)
         yield f"BatchNormAct2d {dtype} {layout} {act} training={training} skip={has_skip}", case
+    # Residual after the norm (with and without its gradient) and PReLU with 1 or C slopes.
+    for dtype, layout, training, (act, slopes), res_grad in itertools.product(
+            _dtypes(), LAYOUTS, (True, False), (("relu", 1), ("prelu", 1), ("prelu", c)), (True, False)):
+        def residual_case(dtype=dtype, layout=layout, training=training, act=act, slopes=slopes, res_grad=res_grad):
+            m = BatchNormAct2d(c, act=act, prelu_parameters=slopes).to(dtype).train(training)
+            backward(m(make(shape, dtype, layout, True), residual=make(shape, dtype, layout, res_grad)))
+        yield (f"BatchNormAct2d {dtype} {layout} training={training} {act}({slopes}) residual "
+               f"grad={res_grad}"), residual_case
     # Weight only / bias only / neither, as fp32 parameters with any x.
     for dtype, (has_w, has_b), training in itertools.product(
             _dtypes(), ((False, False), (True, False), (False, True)), (True, False)):

@@ -441,7 +441,8 @@ def _unsafe_cases():
         "act before norm": (nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm2d(4)), "no activation follows"),
         "BatchNorm subclass": (nn.Sequential(conv(), BFBatchNorm2d(4), nn.ReLU()), "subclasses nn.BatchNorm2d"),
         "bias-free norm": (nn.Sequential(conv(), nn.BatchNorm2d(4, bias=False), nn.ReLU()), "bias-free"),
-        "PReLU": (nn.Sequential(conv(), nn.BatchNorm2d(4), nn.PReLU()), "PReLU"),
+        "PReLU with a slope count that fits no channel count": (nn.Sequential(conv(), nn.BatchNorm2d(4),
+                                                                              nn.PReLU(3)), "PReLU with 3 slopes"),
         "Tanh": (nn.Sequential(conv(), nn.BatchNorm2d(4), nn.Tanh()), "Tanh has no fused kernel"),
         "LayerNorm": (nn.Sequential(conv(), nn.LayerNorm(5), nn.ReLU()), "LayerNorm"),
         "3-D norm": (nn.Sequential(nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4), nn.ReLU()), "not a 2-D norm"),
@@ -554,13 +555,13 @@ def test_meta_device_and_half_precision():
 
 def test_report_is_readable():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                          nn.BatchNorm2d(4), nn.PReLU(), DataDependentBlock(4))
+                          nn.BatchNorm2d(4), nn.PReLU(2), DataDependentBlock(4))
     _, report = convert(model)
     text = str(report)
     assert text.startswith("fusedskip.convert: 1 replaced, 2 left")
     assert "coverage: 1/3 norm layers fused (33.3 %), 2 left" in text, text
     assert "1: BatchNorm2d(4) + ReLU() -> BatchNormAct2d(4, act=relu)" in text, text
-    assert "PReLU is a learnable activation" in text and "at 4" in text
+    assert "PReLU with 2 slopes for 4 channels" in text and "at 4" in text
     assert "DataDependentBlock's forward cannot be traced by torch.fx" in text and "at 6.bn1" in text
     assert report.counts() == {"sequential:conv-norm-act": 1}
     assert (report.norms_total, report.norms_fused, len(report.norms_left)) == (3, 1, 2)
@@ -618,14 +619,15 @@ def test_smp_unet():
     smp = need("segmentation_models_pytorch")
     model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(32, 16, 8), classes=2)
     converted, report = convert_copy(model)
-    rules_apply = expect_counts(report, {"smp:resnet-encoder-stem": 1, "torchvision:basic-block": 8,
+    rules_apply = expect_counts(report, {"smp:resnet-encoder-stem": 1, "torchvision:basic-block": 16,
                                          "sequential:conv-norm": 3, "sequential:conv-norm-act": 6},
                                 "smp.ResNetEncoder", "torchvision.BasicBlock")
     skips = [e for e in report.left if e.kind == "skip"]
     assert [e.path for e in skips] == ["decoder.blocks.0", "decoder.blocks.1", "decoder.blocks.2"]
     assert all("cat([up, skip])" in e.reason and "AddUNet" in e.reason for e in skips)
     if rules_apply:
-        assert sum("residual add" in r for r in left_reasons(report, "BatchNorm2d")) == 8
+        assert report.norms_fused == report.norms_total and not left_reasons(report, "BatchNorm2d"), str(report)
+        assert all(b._fusedskip_residual for b in converted.modules() if type(b).__name__ == "FusedBasicBlock")
         assert type(converted.encoder.layer1[0]).__name__ == "FusedBasicBlock"
         assert isinstance(converted.encoder.relu, FusedIdentity)
     assert_same_behaviour(model, converted, [torch.randn(2, 3, 32, 32)])
@@ -674,10 +676,16 @@ def test_monai_unet():
     nets = need("monai.networks.nets")
     default = nets.UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 8), strides=(2, 2),
                         num_res_units=1)
-    _, report = convert_copy(default)  # PReLU throughout: nothing fusable, every norm listed
-    assert not report.changed
-    assert sum("PReLU" in r for r in left_reasons(report, "InstanceNorm2d")) == 6
+    converted, report = convert_copy(default)  # PReLU throughout: the slopes stay in their slots
+    assert report.norms_fused == report.norms_total == 6, str(report)
     assert sum(e.kind == "skip" for e in report.left) == 2
+    slots = [m for m in converted.modules() if type(m).__name__ == "FusedPReLUSlot"]
+    assert len(slots) == 6 and all(isinstance(s.original, nn.PReLU) for s in slots)
+    assert_same_behaviour(default, converted, [torch.randn(2, 1, 16, 16)])  # incl. the PReLU weights' grads
+    assert_state_dicts_cross_load(default, converted)
+    restored, _ = unconvert(converted)
+    assert [type(m) for m in restored.modules()] == [type(m) for m in default.modules()]
+    assert_same_behaviour(default, restored, [torch.randn(2, 1, 16, 16)], modes=(False,))
     model = nets.UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 8), strides=(2, 2),
                       num_res_units=1, act="relu", norm="batch")
     converted, report = convert_copy(model)
@@ -721,10 +729,12 @@ def test_diffusers_resnet_block_scale_shift_and_unknown_versions(monkeypatch):
                                  time_embedding_norm="scale_shift", dropout=0.1)
     converted, report = convert_copy(block)
     if verified("diffusers.ResnetBlock2D"):
-        assert [r.path for r in report.replaced] == ["norm1"]
-        assert any("scale_shift" in r for r in left_reasons(report))
+        assert [r.path for r in report.replaced] == ["norm1", "norm2"] and not report.norms_left
+        assert "scale/shift" in str(report) and converted._fusedskip_norm2_act
     inputs = [torch.randn(2, 4, 5, 5), torch.randn(2, 6)]
     assert_same_behaviour(block, converted, inputs)
+    restored, _ = unconvert(copy.deepcopy(converted))
+    assert type(restored) is type(block) and type(restored.norm2) is nn.GroupNorm
     # A diffusers version whose forward fusedskip has not verified: left, with the reason
     monkeypatch.setitem(conv_libraries.KNOWN, "diffusers.ResnetBlock2D", {"forward": {"0000000000000000"}})
     _, report = convert_copy(block)
@@ -757,15 +767,19 @@ def test_torchvision_resnet_blocks():
     resnet = need("torchvision.models.resnet")
     model = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=3)
     converted, report = convert_copy(model)
-    expect_counts(report, {"torchvision:resnet-stem": 1, "torchvision:basic-block": 4, "sequential:conv-norm": 3},
-                  "torchvision.ResNet", "torchvision.BasicBlock")
+    if expect_counts(report, {"torchvision:resnet-stem": 1, "torchvision:basic-block": 8, "sequential:conv-norm": 3},
+                     "torchvision.ResNet", "torchvision.BasicBlock"):
+        assert report.norms_fused == report.norms_total == 12 and "residual add" in str(report)
     assert_same_behaviour(model, converted, [torch.randn(2, 3, 32, 32)])
+    assert_state_dicts_cross_load(model, converted)
     downsample = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
     block = resnet.Bottleneck(8, 4, downsample=downsample)
     converted, report = convert_copy(block)
-    if expect_counts(report, {"torchvision:bottleneck": 2, "sequential:conv-norm": 1}, "torchvision.Bottleneck"):
-        assert any("residual add" in r for r in left_reasons(report))
+    if expect_counts(report, {"torchvision:bottleneck": 3, "sequential:conv-norm": 1}, "torchvision.Bottleneck"):
+        assert converted._fusedskip_residual and not report.norms_left
     assert_same_behaviour(block, converted, [torch.randn(2, 8, 5, 5)])
+    restored, _ = unconvert(converted)
+    assert type(restored) is resnet.Bottleneck and "_fusedskip_residual" not in vars(restored)
 
 
 # ============================================================================================
@@ -799,7 +813,7 @@ def test_torch_compile_matches_eager():
     # a swapped block class, a FusedIdentity slot and a fused GroupNorm + SiLU
     model = nn.Sequential(resnet.BasicBlock(4, 4), nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU())
     converted, report = convert_copy(model)
-    expect_counts(report, {"torchvision:basic-block": 1, "sequential:conv-norm-act": 1}, "torchvision.BasicBlock")
+    expect_counts(report, {"torchvision:basic-block": 2, "sequential:conv-norm-act": 1}, "torchvision.BasicBlock")
     torch._dynamo.reset()
     compiled = torch.compile(converted, backend="aot_eager")
     assert_same_behaviour(model, compiled, [torch.randn(2, 4, 6, 6)])

@@ -236,15 +236,46 @@ def test_graph_matcher_fuses_attribute_and_functional_blocks(cls):
     torch.testing.assert_close(model(x), original(x))
 
 
-@pytest.mark.parametrize("cls,reason", [(Residual, "residual add"), (TrainingBranch, "differs between training"),
+class ResidualNoAct(AttrDoubleConv):
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        return x + self.bn2(self.conv2(y))  # the add's operands swapped; no activation after it
+
+
+class ResidualDropout(AttrDoubleConv):
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.relu(self.drop(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))) + x)
+
+
+@pytest.mark.parametrize("cls", [Residual, ResidualNoAct])
+def test_graph_matcher_fuses_the_residual_add(cls):
+    model = nn.Sequential(cls(4))
+    original, report = _check(model, torch.randn(2, 4, 5, 5), 2)
+    assert "graph:norm-residual-act" in {r.rule for r in report.replaced} and "residual add" in str(report)
+    assert "residual = " in type(model[0])._fusedskip_graph_source and not report.norms_left
+    clone = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 4, 5, 5)
+    for m in (clone, model, original):
+        m.eval()
+    torch.testing.assert_close(clone(x), original(x), atol=2e-5, rtol=1e-4)
+    unconvert(model)
+    assert type(model[0]) is cls and all(type(m) is not BatchNormAct2d for m in model.modules())
+    torch.testing.assert_close(model(x), original(x))
+
+
+@pytest.mark.parametrize("cls,reason", [(ResidualDropout, "dropout between the norm and the residual add"),
+                                        (TrainingBranch, "differs between training"),
                                         (OptionalArg, "optional forward parameter")])
 def test_graph_matcher_leaves_what_it_cannot_prove(cls, reason):
     model = nn.Sequential(cls(4))
     _, report = convert(model)
     assert any(reason in e.reason for e in report.norms_left), str(report)
-    if cls is Residual:  # bn1 -> shared relu still fuses; bn2 waits for the residual kernel
+    if cls is ResidualDropout:  # bn1 -> shared relu still fuses
         assert report.norms_fused == 1
-        _check(nn.Sequential(Residual(4)), torch.randn(2, 4, 5, 5), 1)
 
 
 def test_library_blocks_through_the_graph_matcher():
@@ -252,13 +283,15 @@ def test_library_blocks_through_the_graph_matcher():
     from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
     basic = UnetBasicBlock(2, 4, 4, kernel_size=3, stride=1, norm_name="instance")
     _check(basic, torch.randn(2, 4, 6, 6), 2)
-    res = UnetResBlock(2, 4, 6, kernel_size=3, stride=1, norm_name="batch")
-    _, report = _check(res, torch.randn(2, 4, 6, 6), 1)
-    assert sum("residual add" in e.reason for e in report.norms_left) == 2, str(report)  # norm2 and norm3
+    for norm in ("batch", "instance"):  # norm2 takes the add and the LeakyReLU; norm3 (after conv3) alone
+        res = UnetResBlock(2, 4, 6, kernel_size=3, stride=1, norm_name=norm)
+        _, report = _check(res, torch.randn(2, 4, 6, 6), 3)
+        assert not report.norms_left and "residual add" in str(report), str(report)
     pytest.importorskip("timm")
-    from timm.models.resnet import BasicBlock
-    _, report = _check(BasicBlock(4, 4), torch.randn(2, 4, 6, 6), 1)
-    assert any("residual add" in e.reason for e in report.norms_left)
+    from timm.models.resnet import BasicBlock, Bottleneck
+    _, report = _check(BasicBlock(4, 4), torch.randn(2, 4, 6, 6), 2)
+    assert not report.norms_left and "residual add" in str(report), str(report)
+    _check(Bottleneck(8, 2), torch.randn(2, 8, 6, 6), 3)
 
 
 # ============================================================================================
@@ -324,18 +357,18 @@ def _mbconv(expand: int, cin: int, cout: int, stride: int = 1):
     return eff.MBConvBlock(args, glob)
 
 
-@pytest.mark.parametrize("expand,cin,cout,fused,residual", [(4, 4, 4, 2, True), (4, 4, 6, 3, False),
-                                                            (1, 4, 4, 1, True)])
+@pytest.mark.parametrize("expand,cin,cout,fused,residual", [(4, 4, 4, 3, True), (4, 4, 6, 3, False),
+                                                            (1, 4, 4, 2, True)])
 def test_smp_mbconv_block_rule_exact_for_every_drop_connect_rate(expand, cin, cout, fused, residual):
     block = _mbconv(expand, cin, cout)
     original = copy.deepcopy(block)
     _, report = convert(block)
     rules = [r.rule for r in report.replaced]
-    assert report.norms_fused == fused and rules.count("smp:mbconv-conv-norm") == (not residual), str(report)
+    assert report.norms_fused == fused and not report.norms_left, str(report)
+    assert rules.count("smp:mbconv-conv-norm") == (not residual) and rules.count("smp:mbconv-norm-residual") == residual
     assert type(block).__name__ == "FusedMBConvBlock" and type(block._swish) is nn.SiLU  # shared: kept
     assert block._fusedskip_bn0_act == (expand != 1) and block._fusedskip_bn1_act
-    if residual:
-        assert [e.path for e in report.norms_left] == ["_bn2"] and "residual add" in report.norms_left[0].reason
+    assert block._fusedskip_bn2_residual == residual
     x = torch.randn(2, cin, 6, 6)
     for mode in (True, False):
         for rate in (None, 0.0, 0.5):  # drop_connect draws random numbers: same seed for both
@@ -364,7 +397,7 @@ def test_smp_mbconv_block_with_a_hooked_norm_keeps_its_swish():
     block._bn0.register_forward_hook(lambda *a: None)
     original = copy.deepcopy(block)
     _, report = convert(block)
-    assert report.norms_fused == 1 and "hooks" in str(report)  # _bn1 fused, _bn0 left
+    assert report.norms_fused == 2 and "hooks" in str(report)  # _bn1 and _bn2 fused, _bn0 left
     assert not block._fusedskip_bn0_act and block._fusedskip_bn1_act
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(block(x, 0.0), original(x, 0.0), atol=2e-5, rtol=1e-4)
@@ -379,8 +412,8 @@ def test_smp_efficientnet_encoder_stem_and_head():
     _, report = convert(encoder)
     counts = report.counts()
     assert counts["smp:efficientnet-encoder"] == 2 and counts["smp:mbconv-block"] == 31, str(report)
-    assert counts["smp:mbconv-conv-norm"] == 7 and len(report.norms_left) == 9
-    assert all("residual add" in e.reason for e in report.norms_left)
+    assert counts["smp:mbconv-conv-norm"] == 7 and counts["smp:mbconv-norm-residual"] == 9, str(report)
+    assert not report.norms_left
     assert type(encoder).__name__ == "FusedEfficientNetEncoder" and type(encoder._swish) is nn.SiLU
     x = torch.randn(2, 3, 32, 32)
     for mode in (True, False):  # drop connect is on in training (rate 0.2): same seed for both
@@ -419,7 +452,7 @@ def test_diffusers_transformer_2d_input_group_norm_is_left_with_its_reason():
     original = copy.deepcopy(model)
     _, report = convert(model)
     left = {e.path: e.reason for e in report.norms_left}
-    assert "no activation follows" in left["norm"] and "saves no pass" in left["norm"], str(report)
+    assert "no activation follows" in left["norm"] and "saves nothing" in left["norm"], str(report)
     assert type(model.norm) is nn.GroupNorm
     x = torch.randn(2, 8, 4, 4)
     torch.testing.assert_close(model(x).sample, original(x).sample)
@@ -455,3 +488,61 @@ def test_graph_matcher_leaves_chains_other_methods_use(uses):
     assert "also used by _TwoMethods.extract_features" in str(report)
     torch.testing.assert_close(converted(x), before[0])
     torch.testing.assert_close(converted.extract_features(x), before[1])
+
+
+# ============================================================================================
+# Residual operands eager's add would broadcast or promote; PReLU slopes kept in their slots
+# ============================================================================================
+class BroadcastResidual(AttrDoubleConv):
+    def __init__(self, c):
+        super().__init__(c)
+        self.offset = nn.Parameter(torch.randn(1, c, 1, 1))
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + self.offset)
+
+
+def test_graph_residual_that_broadcasts_keeps_eager_semantics():
+    model = nn.Sequential(BroadcastResidual(4))
+    original, report = _check(model, torch.randn(2, 4, 5, 5), 2)
+    assert "graph:norm-residual-act" in {r.rule for r in report.replaced}
+    x = torch.randn(2, 4, 5, 5)
+    for m in (model, original):
+        m.train()
+        m(x).square().sum().backward()
+    torch.testing.assert_close(model[0].offset.grad, original[0].offset.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [lambda: BatchNormAct2d(4), lambda: GroupNormAct(2, 4, act="silu")])
+def test_fused_module_residual_broadcasts_and_promotes_like_eager(cls):
+    m = cls()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    for residual in (torch.randn(1, 4, 1, 1), torch.randn(2, 4, 3, 3, dtype=torch.float64)):
+        y = m(x, residual=residual)
+        dt = residual.dtype
+        w, b = m.weight.detach().to(dt), m.bias.detach().to(dt)
+        plain = (F.batch_norm(x.to(dt), None, None, w, b, True) if isinstance(m, BatchNormAct2d) else
+                 F.group_norm(x.to(dt), 2, w, b))
+        ref = (torch.relu if isinstance(m, BatchNormAct2d) else F.silu)(plain + residual)
+        assert y.dtype == (x + residual).dtype
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="residual must broadcast"):
+        m(x, residual=torch.randn(2, 4, 3, 4))
+
+
+def test_prelu_slope_survives_skip_norm_act_and_fold_bn():
+    skip_norm = fusedskip.SkipNormAct(4, norm="group", num_groups=2, act=nn.PReLU(4))
+    up, skip = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    y = skip_norm(up, skip)
+    ref = F.prelu(F.group_norm(up + skip_norm.gate() * skip, 2, skip_norm.norm.weight, skip_norm.norm.bias),
+                  skip_norm.norm.act_weight)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    cna = fusedskip.ConvNormAct(3, 4, 3, padding=1, norm="batch", act="prelu").eval()
+    with torch.no_grad():
+        cna.norm.act_weight.fill_(0.3)
+    slope = cna.norm.act_weight
+    x = torch.randn(2, 3, 5, 5)
+    before = cna(x)
+    cna.fold_bn()
+    assert type(cna.norm) is nn.PReLU and cna.norm.weight is slope
+    torch.testing.assert_close(cna(x), before, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,6 @@
-"""diffusers ResnetBlock2D with norm1 (and, for time_embedding_norm="default", norm2) fused with
-the SiLU that follows.
+"""diffusers ResnetBlock2D with norm1 and norm2 fused with the SiLU that follows; for
+time_embedding_norm="scale_shift" norm2 also takes the time embedding's per-(sample, channel)
+scale and shift (``act(norm2(h)·(1 + scale) + shift)``, the Stable Diffusion pattern).
 
 ``self.nonlinearity`` is one module called up to three times (after norm1, on the time
 embedding, after norm2), so the class is swapped for a subclass whose forward is diffusers'
@@ -57,8 +58,11 @@ class FusedResnetBlock2D(ResnetBlock2D):
                     f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}"
                 )
             time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-            hidden_states = self.norm2(hidden_states)
-            hidden_states = hidden_states * (1 + time_scale) + time_shift
+            if self._fusedskip_norm2_act:  # GroupNormAct: act(norm2(h)·(1 + scale) + shift) in one op
+                hidden_states = self.norm2(hidden_states, scale=time_scale, shift=time_shift)
+            else:
+                hidden_states = self.norm2(hidden_states)
+                hidden_states = hidden_states * (1 + time_scale) + time_shift
         else:
             hidden_states = self.norm2(hidden_states)
 

@@ -7,6 +7,9 @@ become a FusedIdentity: the classes are swapped for subclasses whose methods are
 (0.6.0, verified by source digest before swapping) minus the Swish calls the fused norms absorb.
 Which norms absorbed their Swish is recorded per instance (``_fusedskip_bn0_act``,
 ``_fusedskip_bn1_act``), so a block whose ``_bn0`` could not be fused still applies its Swish.
+``_bn2`` of a block with the identity skip takes the residual add (``_fusedskip_bn2_residual``)
+whenever drop connect is off (eval, or a rate of None/0); with drop connect on in training it
+runs as a fused norm alone and the original drop connect + add follow.
 Every argument keeps its meaning: ``drop_connect_rate`` (None, 0 or > 0, train or eval) runs
 the very code of the original forward.
 """
@@ -26,6 +29,7 @@ class FusedMBConvBlock(MBConvBlock):
     _fusedskip_restores_to = MBConvBlock
     _fusedskip_bn0_act = False
     _fusedskip_bn1_act = False
+    _fusedskip_bn2_residual = False
 
     def forward(self, inputs: torch.Tensor, drop_connect_rate: Optional[float] = None):
         x = inputs
@@ -48,6 +52,9 @@ class FusedMBConvBlock(MBConvBlock):
             x = torch.sigmoid(x_squeezed) * x
 
         x = self._project_conv(x)
+        if self._fusedskip_bn2_residual and not (drop_connect_rate is not None and drop_connect_rate > 0
+                                                 and self.training):
+            return self._bn2(x, residual=inputs)  # _bn2 + the residual add in one op (no drop connect here)
         x = self._bn2(x)
 
         if self._has_drop_connect:

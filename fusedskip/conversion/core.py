@@ -40,7 +40,7 @@ from .report import ConversionReport, Left, Replaced
 
 NORM_FAMILIES = ("batch", "group", "instance")
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "relu6", "hardswish", "hardsigmoid", "sigmoid",
-               "mish", "elu")
+               "mish", "elu", "prelu")
 _SHELL = "_fusedskip_original"          # attribute on fused modules / FusedIdentity
 _RESTORES_TO = "_fusedskip_restores_to"  # class attribute of swapped block classes
 _IRREVERSIBLE = "_fusedskip_irreversible"
@@ -77,6 +77,16 @@ class FusedIdentity(nn.Identity):
 
     def extra_repr(self) -> str:
         return f"{self.original!r} runs fused in {self.into!r}"
+
+
+class FusedPReLUSlot(FusedIdentity):
+    """A :class:`FusedIdentity` for an ``nn.PReLU`` whose slope moved into the fused norm: it keeps
+    the very ``weight`` Parameter (same state_dict key ``<slot>.weight``, same object for
+    optimizers); the fused module reads the slope from here (``borrow_act_weight``)."""
+
+    def __init__(self, original: nn.PReLU, into: str = ""):
+        super().__init__(original, into)
+        self.weight = original.weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,9 +207,20 @@ def activation_spec(act: nn.Module) -> Tuple[str, float]:
     if monai_me_swish is not None and t is monai_me_swish:
         return "silu", 0.0
     if t is nn.PReLU:
-        raise _Refuse("PReLU is a learnable activation with no fused kernel")
+        return "prelu", 0.0
     raise _Refuse(f"activation {t.__name__} has no fused kernel (supported: ReLU, LeakyReLU, SiLU, "
                   "GELU, ReLU6, Hardswish, Hardsigmoid, Sigmoid, Mish, ELU, exact types)")
+
+
+def _check_act_state(act: nn.Module, norm: nn.Module) -> None:
+    """Only PReLU's slope (1 or C values) may travel into a fused module; other state refuses."""
+    if type(act) is nn.PReLU:
+        channels = getattr(norm, "num_features", None) or getattr(norm, "num_channels", None)
+        if act.weight.numel() not in (1, channels):
+            raise _Refuse(f"PReLU with {act.weight.numel()} slopes for {channels} channels")
+        return
+    if any(True for _ in act.parameters()) or any(True for _ in act.buffers()):
+        raise _Refuse(f"activation {type(act).__name__} has state")
 
 
 def looks_like_activation(m: Optional[nn.Module]) -> bool:
@@ -276,8 +297,10 @@ def type_reason(m: nn.Module) -> str:
     return f"{t.__name__} has no fused equivalent in fusedskip"
 
 
-def _build_fused(norm: nn.Module, family: str, act: str, slope: float) -> nn.Module:
-    """Build the fused module for ``norm`` on the meta device and hand it norm's tensors."""
+def _build_fused(norm: nn.Module, family: str, act: str, slope: float,
+                 act_module: Optional[nn.Module] = None) -> nn.Module:
+    """Build the fused module for ``norm`` on the meta device and hand it norm's tensors; a PReLU
+    (``act_module``) keeps its slope, which the fused module reads from it."""
     neg = slope if act in ("leaky_relu", "elu") else None
     if family == "batch":
         cls = _fused_class("fusedskip.ops.batch_norm_act", "BatchNormAct2d")
@@ -304,6 +327,10 @@ def _build_fused(norm: nn.Module, family: str, act: str, slope: float) -> nn.Mod
             fused = cls(**kwargs, act=act, negative_slope=neg)
     except (TypeError, ValueError) as exc:
         raise _Refuse(f"{cls.__name__} rejects this configuration: {exc}") from None
+    if act == "prelu":
+        if act_module is None:
+            raise _Refuse("PReLU given without its module: the learned slope has no owner")
+        fused.borrow_act_weight(act_module)
     _transplant(norm, fused)
     fused.train(norm.training)
     if type(norm) is nn.SyncBatchNorm:
@@ -476,8 +503,7 @@ class Context:
                 hooks = hooks_of(act)
                 if hooks:
                     raise _Refuse(f"the activation {act_path} has hooks registered ({', '.join(hooks)})")
-            if any(True for _ in act.parameters()) or any(True for _ in act.buffers()):
-                raise _Refuse(f"activation {type(act).__name__} has state")
+            _check_act_state(act, norm)
         if name != "identity" and name not in self.activations:
             raise _Refuse(f"activation {name} is not selected (activations={list(self.activations)})")
         for mod, path in between:
@@ -486,7 +512,7 @@ class Context:
                 raise _Refuse(f"{type(mod).__name__}(p={mod.p}) between the norm and {name}: moving "
                               f"{name} before dropout would change the result (it commutes only "
                               "with ReLU/LeakyReLU)")
-        return _build_fused(norm, family, name, slope)
+        return _build_fused(norm, family, name, slope, act)  # PReLU: its slope stays in its slot (install)
 
     def install(self, parent: nn.Module, norm_name: str, fused: nn.Module, rule: str,
                 act_name: Optional[str] = None, extra_also: Iterable[str] = (), act_note: str = "") -> None:
@@ -501,7 +527,7 @@ class Context:
         before = describe(norm) + act_note
         if act_name is not None:
             act = parent._modules[act_name]
-            identity = FusedIdentity(act, into=norm_name)
+            identity = (FusedPReLUSlot if type(act) is nn.PReLU else FusedIdentity)(act, into=norm_name)
             identity.train(act.training)
             self.replace(parent, act_name, identity)
             also.insert(0, f"{join(path, act_name)} -> FusedIdentity")

@@ -87,7 +87,7 @@ def _act_of(fused: BatchNormAct2d, identity=None) -> nn.Module:
 
     if identity is not None and identity.original is not None:
         return identity.original
-    return activation_module(fused.act_name, fused.negative_slope)
+    return activation_module(fused.act_name, fused.negative_slope, getattr(fused, "prelu_weight", None))
 
 
 def _fuse_conv_bn_act(is_qat, conv, bn, identity=None):

@@ -17,10 +17,17 @@ in eval mode and both graphs must be the same (no branch on ``self.training``); 
 variadic parameters (tracing would fix one branch of ``x is None`` tests); no instance-level
 forward; a rewritten forward must not use constructs a graph drops (checkpointing, autocast,
 grad modes, isinstance, scripting/compile checks, prints, warnings); each norm is called once;
-exact types and every check of the other rules (hooks, shared modules, dropout) apply. Norms
-whose output goes to a residual add are reported as waiting for the ``act(norm(x) + residual)``
-kernel. Graph capture cannot follow data-dependent control flow: such blocks keep per-library
-rules (:mod:`.libraries`) or stay as they are.
+exact types and every check of the other rules (hooks, shared modules, dropout) apply.
+
+A norm whose only consumer is a plain two-tensor add (``out = norm(x); out += r``, through
+``nn.Identity``; no dropout) fuses with it: the forward is rewritten to call
+``norm(x, residual=r)`` where the add was (both operands exist there), and the activation that
+consumes the sum, if any, moves into the fused module too (``act(norm(x) + r)``). When both
+operands of the add are norms (MONAI UnetResBlock's norm2 and norm3), the first takes the add and
+the other, after a conv, is fused alone (its output becomes the residual).
+
+Graph capture cannot follow data-dependent control flow: such blocks keep per-library rules
+(:mod:`.libraries`) or stay as they are.
 """
 from __future__ import annotations
 
@@ -51,9 +58,6 @@ from .core import (
 _RISKY_SOURCE = ("checkpoint", "autocast", "no_grad", "enable_grad", "inference_mode", "set_grad_enabled",
                  "isinstance", "is_scripting", "is_tracing", "is_compiling", "print(", "warn", "torch.jit",
                  "register_", "random", "np.")
-RESIDUAL_REASON = ("its output goes to a residual add (act(norm(x) + residual)): fusing it needs the "
-                   "residual norm-act kernel, which is not built yet (it waits for the kernel redesign)")
-
 
 def _functional_activation(node: fx.Node) -> Optional[Tuple[str, float]]:
     """``(name, slope)`` of an activation called as a function or Tensor method, else None."""
@@ -139,12 +143,57 @@ class _Match:
         self.act_module: Optional[nn.Module] = None
         self.act_target: Optional[str] = None
         self.between: List[Tuple[nn.Module, str]] = []
+        self.passthrough: List[fx.Node] = []     # Identity nodes between the norm and the add
+        self.add_node: Optional[fx.Node] = None  # act(norm(x) + residual): the add and its other operand
+        self.residual: Optional[fx.Node] = None
+        self.remove_act = False                  # the rewritten forward drops the activation call
         self.rank_known = False
 
 
-def _follow(block: nn.Module, path: str, m: _Match, calls: Dict[str, int]) -> None:
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _residual_operand(add: fx.Node, node: fx.Node) -> fx.Node:
+    """The other operand of ``node + residual`` (a plain two-tensor add), else _Refuse."""
+    if add.kwargs or len(add.args) != 2:
+        raise _Refuse("its output goes to an add with extra arguments (alpha/out): not a plain residual add")
+    a, b = add.args
+    other = b if a is node else a
+    if not isinstance(other, fx.Node) or other is node:
+        raise _Refuse("its output goes to an add of a constant or of itself: not a residual add")
+    return other
+
+
+def _is_add(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _ADDS)
+            or (node.op == "call_method" and node.target in ("add", "add_")))
+
+
+def _follow_residual(block: nn.Module, add: fx.Node, node: fx.Node, m: _Match, claimed: Dict[fx.Node, str]) -> None:
+    """norm -> add(·, residual) [-> activation]: fused as ``norm(x, residual=r)`` + act."""
+    if add in claimed:
+        raise _Refuse(f"its output is the residual operand of {claimed[add]}, fused with that add")
+    if m.between:
+        raise _Refuse("dropout between the norm and the residual add: the add cannot move into the norm")
+    m.residual = _residual_operand(add, node)
+    m.add_node = add
+    users = list(add.users)
+    if len(users) == 1:
+        user = users[0]
+        if user.op == "call_module" and looks_like_activation(_module(block, user.target)):
+            m.act_node, m.act_module, m.act_target = user, _module(block, user.target), user.target
+            m.spec = activation_spec(m.act_module)
+            return
+        spec = _functional_activation(user)
+        if spec is not None and user.args and user.args[0] is add:
+            m.act_node, m.spec = user, spec
+            return
+    m.spec = ("identity", 0.0)  # norm + residual, the sum used as it is
+
+
+def _follow(block: nn.Module, path: str, m: _Match, calls: Dict[str, int], claimed: Dict[fx.Node, str]) -> None:
     """Find what consumes the norm's output: an activation (through Identity/dropout), a residual
-    add, or something else (raises _Refuse with the reason)."""
+    add (then maybe an activation), or something else (raises _Refuse with the reason)."""
     node = m.node
     while True:
         users = list(node.users)
@@ -159,6 +208,7 @@ def _follow(block: nn.Module, path: str, m: _Match, calls: Dict[str, int]) -> No
                     raise _Refuse(f"{type(mod).__name__} {user.target} after it is called more than once")
                 if type(mod) in _DROPOUTS:
                     m.between.append((mod, join(path, user.target)))
+                m.passthrough.append(user)
                 node = user
                 continue
             if looks_like_activation(mod):
@@ -170,19 +220,21 @@ def _follow(block: nn.Module, path: str, m: _Match, calls: Dict[str, int]) -> No
         if spec is not None and user.args and user.args[0] is node:
             m.act_node, m.spec = user, spec
             return
-        if user.op == "call_function" and user.target in (operator.add, operator.iadd, torch.add):
-            raise _Refuse(RESIDUAL_REASON)
-        if user.op == "call_method" and user.target in ("add", "add_"):
-            raise _Refuse(RESIDUAL_REASON)
+        if _is_add(user):
+            return _follow_residual(block, user, node, m, claimed)
         what = user.target if user.op != "output" else "the block's output"
         raise _Refuse(f"followed by {getattr(what, '__name__', what)}, not an activation: nothing to fuse")
 
 
 def _used_elsewhere(block: nn.Module, attr: str) -> Optional[str]:
-    """The first method of ``block``'s classes other than ``forward``/``__init__`` that reads
-    ``self.<attr>`` (e.g. an ``extract_features`` that calls the same norm or activation): fusing
-    would silently change that method, so such chains are left."""
-    pattern = re.compile(rf"self\.{re.escape(attr)}\b")
+    """The first method of ``block``'s classes other than ``forward``/``__init__`` that uses
+    ``self.<attr>`` other than reading its state (e.g. an ``extract_features`` that calls the same
+    norm or activation): fusing would silently change that method, so such chains are left."""
+    # Reading the norm's state (``nn.init.zeros_(self.bn2.weight)`` in timm's zero_init_last) is
+    # fine: the fused module holds the same tensors under the same names.
+    state = "weight|bias|running_mean|running_var|num_batches_tracked|num_features|num_channels|eps|momentum"
+    pattern = re.compile(rf"self\.{re.escape(attr)}\b(?!\s*\.\s*(?:{state})\b)"  # self.bn2.weight
+                         rf"(?!\s*,\s*['\"](?:{state})['\"])")  # getattr(self.bn2, 'weight', None)
     for cls in type(block).__mro__:
         if cls in (nn.Module, object) or cls.__module__.startswith("torch."):
             continue
@@ -206,8 +258,47 @@ def _rank_known(block: nn.Module, node: fx.Node, ctx: Context) -> bool:
     return type(_module(block, node.target)) in (nn.BatchNorm2d, nn.SyncBatchNorm, nn.InstanceNorm2d)
 
 
+def _match_norm(ctx: Context, block: nn.Module, path: str, node: fx.Node, norm: nn.Module, calls: Dict[str, int],
+                claimed: Dict[fx.Node, str]) -> Tuple[_Match, nn.Module, bool]:
+    """Match one norm call of the traced forward and plan its fused module: ``(match, fused,
+    own_slot)``, or _Refuse with the reason."""
+    name = node.target
+    if calls[name] > 1:
+        raise _Refuse(f"called {calls[name]} times in {type(block).__name__}.forward")
+    m = _Match(name, node)
+    m.rank_known = _rank_known(block, node, ctx)
+    try:
+        _follow(block, path, m, calls, claimed)
+    except _Refuse:
+        src = node.args[0] if node.args else None
+        conv_before = (isinstance(src, fx.Node) and src.op == "call_module"
+                       and is_conv(last_leaf(_module(block, src.target))))
+        users = list(node.users)
+        into_conv = len(users) == 1 and users[0].op == "call_module" and is_conv(_module(block, users[0].target))
+        into_fused_add = len(users) == 1 and users[0] in claimed  # the residual operand of a fused norm
+        if not (conv_before and ctx.norm_without_act and (into_conv or into_fused_add)):
+            raise
+        m = _Match(name, node)  # conv -> norm -> conv (or -> a fused norm's residual): the norm alone
+        m.rank_known, m.spec = _rank_known(block, node, ctx), ("identity", 0.0)
+    for attr in (name, m.act_target):
+        other = _used_elsewhere(block, attr) if attr else None
+        if other:
+            raise _Refuse(f"self.{attr} is also used by {other}, which fusing would change")
+    own_slot = (m.act_module is not None and "." not in m.act_target and calls[m.act_target] == 1
+                and ctx.slot_refs[id(m.act_module)] == 1)
+    m.remove_act = m.act_node is not None and not own_slot
+    act_path = join(path, m.act_target) if m.act_target else None
+    fused = ctx.plan(norm, join(path, name), m.act_module if own_slot or m.spec[0] == "prelu" else None,
+                     act_path if own_slot else None, m.rank_known, m.between,
+                     act_spec=None if own_slot else m.spec, act_shared_ok=not own_slot)
+    if m.add_node is not None:
+        claimed[m.add_node] = f"self.{name}"
+    return m, fused, own_slot
+
+
 def graph_rule(ctx: Context, block: nn.Module, path: str, pred=None) -> None:
-    """Fuse the norm -> activation chains of ``block``'s traced forward (see the module docs)."""
+    """Fuse the norm -> activation and norm -> residual add -> activation chains of ``block``'s
+    traced forward (see the module docs)."""
     timm_types = timm_norm_act_types()
     norms = {n: c for n, c in block._modules.items()
              if c is not None and norm_family(c) is not None and type(c) not in timm_types}
@@ -229,69 +320,45 @@ def graph_rule(ctx: Context, block: nn.Module, path: str, pred=None) -> None:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    plans, rewrite = [], False
+    plans, claimed = [], {}
     for node in list(graph.nodes):
-        if node.op != "call_module" or node.target not in norms:
-            continue
-        name, norm = node.target, norms[node.target]
-        try:
-            if calls[name] > 1:
-                raise _Refuse(f"called {calls[name]} times in {type(block).__name__}.forward")
-            m = _Match(name, node)
-            m.rank_known = _rank_known(block, node, ctx)
+        if node.op == "call_module" and node.target in norms:
             try:
-                _follow(block, path, m, calls)
-            except _Refuse:
-                src = node.args[0] if node.args else None
-                conv_before = (isinstance(src, fx.Node) and src.op == "call_module"
-                               and is_conv(last_leaf(_module(block, src.target))))
-                users = list(node.users)
-                if not (conv_before and ctx.norm_without_act and len(users) == 1 and users[0].op == "call_module"
-                        and is_conv(_module(block, users[0].target))):
-                    raise
-                m.spec = ("identity", 0.0)  # conv -> norm -> conv: fuse the norm alone
-            for attr in (name, m.act_target):
-                other = _used_elsewhere(block, attr) if attr else None
-                if other:
-                    raise _Refuse(f"self.{attr} is also used by {other}, which fusing would change")
-            own_slot = (m.act_module is not None and "." not in m.act_target and calls[m.act_target] == 1
-                        and ctx.slot_refs[id(m.act_module)] == 1)
-            if m.act_node is not None and not own_slot:
-                rewrite = True
-            act_path = join(path, m.act_target) if m.act_target else None
-            fused = ctx.plan(norm, join(path, name), m.act_module if own_slot else None, act_path if own_slot else None,
-                             m.rank_known, m.between, act_spec=None if own_slot else m.spec,
-                             act_shared_ok=not own_slot)
-            plans.append((m, fused, own_slot))
-        except _Refuse as reason:
-            ctx.leave(norm, join(path, name), str(reason))
+                plans.append(_match_norm(ctx, block, path, node, norms[node.target], calls, claimed))
+            except _Refuse as reason:
+                ctx.leave(norms[node.target], join(path, node.target), str(reason))
     if not plans:
         return
+    rewritten = [m for m, _, _ in plans if m.remove_act or m.add_node is not None]
     new_cls = None
-    if rewrite:
+    if rewritten:
         try:
-            new_cls = _rewritten_class(type(block), graph, [m for m, _, own in plans if m.act_node is not None
-                                                            and not own])
+            new_cls = _rewritten_class(type(block), graph, rewritten)
         except _Refuse as reason:
-            for m, _, own in plans:
-                if own or m.act_node is None:
-                    continue
+            for m in rewritten:
                 ctx.leave(norms[m.norm_name], join(path, m.norm_name), str(reason))
-            plans = [p for p in plans if p[2] or p[0].act_node is None]
+            plans = [p for p in plans if p[0] not in rewritten]
+    _install(ctx, block, path, plans)
+    if new_cls is not None and plans:
+        block.__class__ = new_cls
+
+
+def _install(ctx: Context, block: nn.Module, path: str, plans: List[Tuple[_Match, nn.Module, bool]]) -> None:
     original = type(block).__name__
     for m, fused, own in plans:
-        rule = "graph:norm-act" if m.act_node is not None else "graph:conv-norm"
-        if own:
-            ctx.install(block, m.norm_name, fused, rule, act_name=m.act_target)
-        elif m.act_node is not None:
+        rule = ("graph:norm-residual-act" if m.add_node is not None else
+                "graph:norm-act" if m.act_node is not None else "graph:conv-norm")
+        note, also = "", []
+        if m.add_node is not None:
+            note = f" + residual add ({m.residual.name})"
+        if m.remove_act:
             what = m.act_target and f"self.{m.act_target}" or str(getattr(m.act_node.target, "__name__",
                                                                           m.act_node.target))
-            ctx.install(block, m.norm_name, fused, rule, act_note=f" + {m.spec[0]} ({what}; call removed from the "
-                        "traced forward)", extra_also=[f"{path or '<root>'}: class {original} -> traced forward"])
-        else:
-            ctx.install(block, m.norm_name, fused, rule)
-    if new_cls is not None and any(not own and m.act_node is not None for m, _, own in plans):
-        block.__class__ = new_cls
+            note += f" + {m.spec[0]} ({what}; call removed from the traced forward)"
+        if m.remove_act or m.add_node is not None:
+            also.append(f"{path or '<root>'}: class {original} -> traced forward")
+        ctx.install(block, m.norm_name, fused, rule, act_name=m.act_target if own else None, act_note=note,
+                    extra_also=also)
 
 
 def _rewritten_class(cls: type, graph: fx.Graph, matches: List[_Match]) -> type:
@@ -306,8 +373,7 @@ def _rewritten_class(cls: type, graph: fx.Graph, matches: List[_Match]) -> type:
         raise _Refuse(f"{cls.__name__}.forward uses {', '.join(risky)}, which a traced graph would drop or fix; "
                       "its forward is kept, so the shared or functional activation cannot be removed")
     for m in matches:
-        m.act_node.replace_all_uses_with(m.act_node.args[0])
-        graph.erase_node(m.act_node)
+        _rewire(graph, m)
     graph.lint()
     code = graph.python_code("self")
     from torch.fx.graph_module import _format_import_block
@@ -315,6 +381,27 @@ def _rewritten_class(cls: type, graph: fx.Graph, matches: List[_Match]) -> type:
 
     source = _format_import_block(code.globals, sys_importer) + "\n" + code.src
     return _graph_class(cls, source)
+
+
+def _rewire(graph: fx.Graph, m: _Match) -> None:
+    """Edit the traced graph for one match: drop the activation call the fused norm absorbs and,
+    for a residual add, call the norm with ``residual=`` where the add was (both operands exist
+    there) and drop the add."""
+    if m.add_node is None:
+        m.act_node.replace_all_uses_with(m.act_node.args[0])
+        graph.erase_node(m.act_node)
+        return
+    with graph.inserting_before(m.add_node):
+        fused = graph.call_module(m.norm_name, args=m.node.args, kwargs={**m.node.kwargs, "residual": m.residual})
+    if m.remove_act:
+        m.act_node.replace_all_uses_with(fused)
+        graph.erase_node(m.act_node)
+    else:
+        m.add_node.replace_all_uses_with(fused)
+    graph.erase_node(m.add_node)
+    for node in reversed(m.passthrough):
+        graph.erase_node(node)
+    graph.erase_node(m.node)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,20 +11,21 @@ What each library gets (the concatenative skips are reported, never changed impl
 =====================  ===================================================================
 torchvision ResNet     stem bn1 + relu (FusedIdentity in ``relu``); BasicBlock bn1 + relu,
 (and smp's encoder)    Bottleneck bn1/bn2 + relu (class swapped: ``relu`` is called twice);
-                       bn2/bn3 feed the residual add and stay plain; downsample
+                       bn2/bn3 + residual add + relu in one op (``residual=``); downsample
                        ``Sequential(conv, bn)`` by the generic rule (conv-norm).
 smp Unet               decoder ``Conv2dReLU`` (a Sequential) by the generic rule;
                        ``UnetDecoderBlock``: concat ``[up, skip]`` reported.
 smp EfficientNet       ``MBConvBlock`` _bn0/_bn1 + Swish (class swapped: ``_swish`` is shared);
-(native encoder)       _bn2 alone (conv-norm) unless it feeds the residual add;
+(native encoder)       _bn2 with the residual add (or alone where the block has no skip);
                        ``EfficientNetEncoder`` stem _bn0 (+ head _bn1 of extract_features).
 smp DeepLabV3(+)       ``ASPPPooling`` (pool -> conv -> BN -> ReLU) by the graph matcher.
 MONAI                  ``Convolution``/``ADN`` are Sequentials: the generic rule (incl. N -> D -> A
                        with dropout); ``UpCat`` concat ``[skip, up]`` reported, or replaced by a
                        gated additive skip with ``concat_to_add=True``; ``SkipConnection(cat)``
                        reported.
-diffusers              ``ResnetBlock2D`` norm1 (+ norm2 for ``time_embedding_norm="default"``) with
-                       SiLU (class swapped); ``UNet2DModel`` conv_norm_out + conv_act; up
+diffusers              ``ResnetBlock2D`` norm1 + norm2 with SiLU (class swapped); for
+                       ``time_embedding_norm="scale_shift"`` norm2 takes scale/shift too;
+                       ``UNet2DModel`` conv_norm_out + conv_act; up
                        blocks' concat ``[hidden, skip]`` reported; attention group_norm and
                        Transformer2DModel's input norm stay (no activation follows, see GN_ALONE).
 timm                   BatchNormAct2d / GroupNormAct / GroupNorm1Act (generic, core).
@@ -55,9 +56,10 @@ KNOWN = {
     "monai.UpCat": {"forward": {"6c69fe7e528dc736"}},
 }
 
-GN_ALONE = ("Fusing it alone (act='identity') would be exact but saves no pass over memory, and today's "
-            "fused GroupNorm moves more bytes than torch's (benchmarks/results/accounting: gn_silu forward "
-            "7.2 passes fused vs 4.1 eager), so it stays torch's GroupNorm")
+RESIDUAL_NOTE = " + the residual add after it (residual=)"
+GN_ALONE = ("Fusing it alone (act='identity') would be exact but saves nothing: with no activation to absorb, "
+            "fused and torch's GroupNorm move the same bytes (benchmarks/results/accounting: 2.06 vs 2.05 "
+            "passes forward), so it stays torch's GroupNorm")
 NOT_ADDITIVE = ("fusedskip never turns concatenation into addition implicitly (that changes the "
                 "architecture); ")
 
@@ -107,10 +109,11 @@ def attribute_pair(ctx: Context, module: nn.Module, path: str, norm_name: str, a
 
 def swap_block(ctx: Context, block: nn.Module, path: str, known: dict, fuse: Sequence[str], act_name: str,
                fused_cls: type, rule: str, optional: Sequence[str] = (),
-               plain: Optional[Dict[str, str]] = None) -> Optional[list]:
+               plain: Optional[Dict[str, str]] = None, notes: Optional[Dict[str, str]] = None) -> Optional[list]:
     """Fuse ``fuse`` norms (all or none) and ``optional`` ones (each if possible) with the shared
     activation ``act_name`` and swap the block's class for ``fused_cls``. ``plain``: norms that
-    stay, with the reason. Returns the names fused, or None when the block was left."""
+    stay, with the reason; ``notes``: what a fused norm absorbs besides the activation (report).
+    Returns the names fused, or None when the block was left."""
     plain = plain or {}
     if not _block_usable(ctx, block, path, known, list(fuse) + list(optional) + list(plain)):
         return None
@@ -137,7 +140,8 @@ def swap_block(ctx: Context, block: nn.Module, path: str, known: dict, fuse: Seq
     original = type(block).__name__
     for name, fused in planned.items():
         ctx.install(block, name, fused, rule,
-                    act_note=f" + {describe(act)} (self.{act_name}; its call after {name} skipped)",
+                    act_note=f"{(notes or {}).get(name, '')} + {describe(act)} (self.{act_name}; its call after "
+                             f"{name} skipped)",
                     extra_also=[f"{path or '<root>'}: class {original} -> {fused_cls.__name__}"])
     block.__class__ = fused_cls
     for name, reason in plain.items():
@@ -159,15 +163,18 @@ def _torchvision_rules(rules: Dict[type, Callable]) -> None:
         return
     from . import _torchvision as tv
 
-    after_add = "followed by the residual add (then ReLU), not by an activation: nothing to fuse"
-
     def basic_block(ctx, block, path, pred):
-        swap_block(ctx, block, path, KNOWN["torchvision.BasicBlock"], ["bn1"], "relu", tv.FusedBasicBlock,
-                   "torchvision:basic-block", plain={"bn2": after_add})
+        fused = swap_block(ctx, block, path, KNOWN["torchvision.BasicBlock"], ["bn1"], "relu", tv.FusedBasicBlock,
+                           "torchvision:basic-block", optional=["bn2"], notes={"bn2": RESIDUAL_NOTE})
+        if fused and "bn2" in fused:
+            block._fusedskip_residual = True
 
     def bottleneck(ctx, block, path, pred):
-        swap_block(ctx, block, path, KNOWN["torchvision.Bottleneck"], ["bn1", "bn2"], "relu", tv.FusedBottleneck,
-                   "torchvision:bottleneck", plain={"bn3": after_add})
+        fused = swap_block(ctx, block, path, KNOWN["torchvision.Bottleneck"], ["bn1", "bn2"], "relu",
+                           tv.FusedBottleneck, "torchvision:bottleneck", optional=["bn3"],
+                           notes={"bn3": RESIDUAL_NOTE})
+        if fused and "bn3" in fused:
+            block._fusedskip_residual = True
 
     def stem(ctx, model, path, pred):
         attribute_pair(ctx, model, path, "bn1", "relu", "torchvision:resnet-stem", KNOWN["torchvision.ResNet"])
@@ -203,10 +210,10 @@ def _smp_rules(rules: Dict[type, Callable]) -> None:
 
 
 def _smp_mbconv_block(ctx: Context, block: nn.Module, path: str, pred) -> None:
-    """_bn0 (expansion) and _bn1 (depthwise) + the shared Swish; _bn2 after the project conv
-    alone (identity activation) unless it feeds the residual add (drop connect)."""
+    """_bn0 (expansion) and _bn1 (depthwise) + the shared Swish; _bn2 after the project conv with
+    the residual add (identity skip: ``_bn2(x, residual=inputs)`` while drop connect is off), or
+    alone (identity activation) in blocks without the skip."""
     from . import _smp
-    from .graph import RESIDUAL_REASON
 
     known = KNOWN["smp.MBConvBlock"]
     residual = bool(getattr(block, "_has_drop_connect", True))
@@ -214,21 +221,27 @@ def _smp_mbconv_block(ctx: Context, block: nn.Module, path: str, pred) -> None:
         return
     optional = ["_bn0"] if getattr(block, "_has_expansion", False) else []
     fused = swap_block(ctx, block, path, known, ["_bn1"], "_swish", _smp.FusedMBConvBlock, "smp:mbconv-block",
-                       optional=optional, plain={"_bn2": RESIDUAL_REASON} if residual else {})
-    for name in fused or ():
+                       optional=optional)
+    if fused is None:
+        if block._modules.get("_bn2") is not None:
+            ctx.leave(block._modules["_bn2"], join(path, "_bn2"), "its block was left unfused (see _bn1)")
+        return
+    for name in fused:
         setattr(block, f"_fusedskip{name}_act", True)
     norm = block._modules.get("_bn2")
-    if residual or norm is None:
+    if norm is None:
         return
     try:
-        if not ctx.norm_without_act:
+        if not residual and not ctx.norm_without_act:
             raise _Refuse("no activation follows it (project conv -> norm -> block output) and "
                           "norm_without_act=False")
         fused_bn2 = ctx.plan(norm, join(path, "_bn2"), None, None, rank_known=True)
     except _Refuse as reason:
         ctx.leave(norm, join(path, "_bn2"), str(reason))
         return
-    ctx.install(block, "_bn2", fused_bn2, "smp:mbconv-conv-norm")
+    ctx.install(block, "_bn2", fused_bn2, "smp:mbconv-norm-residual" if residual else "smp:mbconv-conv-norm",
+                act_note=RESIDUAL_NOTE + " when drop connect is off" if residual else "")
+    block._fusedskip_bn2_residual = residual
 
 
 def _smp_efficientnet_encoder(ctx: Context, encoder: nn.Module, path: str, pred) -> None:
@@ -323,16 +336,13 @@ def _diffusers_rules(rules: Dict[type, Callable]) -> None:
             from . import _diffusers
 
             temb_norm = getattr(block, "time_embedding_norm", None)
-            if temb_norm == "default":
+            if temb_norm in ("default", "scale_shift"):
+                note = " + the time embedding's scale/shift (scale=, shift=)" if temb_norm == "scale_shift" else ""
                 fused = swap_block(ctx, block, path, KNOWN["diffusers.ResnetBlock2D"], ["norm1"], "nonlinearity",
-                                   _diffusers.FusedResnetBlock2D, "diffusers:resnet-block", optional=["norm2"])
+                                   _diffusers.FusedResnetBlock2D, "diffusers:resnet-block", optional=["norm2"],
+                                   notes={"norm2": note})
                 if fused and "norm2" in fused:
                     block._fusedskip_norm2_act = True
-            elif temb_norm == "scale_shift":
-                swap_block(ctx, block, path, KNOWN["diffusers.ResnetBlock2D"], ["norm1"], "nonlinearity",
-                           _diffusers.FusedResnetBlock2D, "diffusers:resnet-block",
-                           plain={"norm2": "time_embedding_norm='scale_shift': the time scale/shift "
-                                           "sits between norm2 and the activation"})
             else:
                 for name in ("norm1", "norm2"):
                     if block._modules.get(name) is not None:

@@ -1,5 +1,7 @@
 """Fused BatchNorm2d + activation ``y = act(BN(x))``, optionally on a gated skip sum
-``x = up + a·skip`` that is recomputed in every pass and never materialised.
+``x = up + a·skip`` that is recomputed in every pass and never materialised, optionally with a
+residual added after the norm (``act(BN(x) + residual)``), with PReLU's learned slope
+(``act_weight``, 1 or C values) among the activations.
 
 Side by side here: the reference PyTorch path (F.batch_norm + activation), the torch.library
 ops that launch the Triton kernels (``fusedskip/kernels/batch_norm_act.py``), the autograd
@@ -16,8 +18,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import backend
-from .._checks import check_activation, check_per_channel
-from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
+from .._checks import check_activation, check_per_channel, check_same_shape_device_dtype, conform_residual
+from ..activations import (
+    ACTIVATION_IDS,
+    DEFAULT_PRELU_INIT,
+    PReLUWeight,
+    apply_activation_reference,
+    resolve_activation,
+)
 from ..conversion.interop import fx_leaf_call, refuse_script, warn_if_unsynchronised
 from ..kernels import batch_norm_act as kernels
 from ..kernels.launch import acc_dtype, gate_gradient, register_op
@@ -78,6 +86,31 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
     return name, slope, gate_t
 
 
+def _validate_post_norm(x: torch.Tensor, name: str, act: ActArg, residual: Optional[torch.Tensor],
+                        act_weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Check the residual (x's shape, dtype and device; any strides) and the PReLU slope; return
+    the slope in use for ``name == "prelu"`` (``act_weight``, or the weight of an nn.PReLU given
+    as ``act``), else None. Shared with fusedskip.distributed; raises before any launch."""
+    if residual is not None:
+        check_activation("residual", residual)
+        check_same_shape_device_dtype("x", x, "residual", residual)
+    if name != "prelu":
+        if act_weight is not None:
+            raise ValueError(f"act_weight is the learned PReLU slope: it needs act='prelu', got act={name!r}")
+        return None
+    if act_weight is None and isinstance(act, nn.PReLU):
+        act_weight = act.weight
+    if act_weight is None:
+        raise ValueError("act='prelu' needs act_weight (the learned slope: a tensor of 1 or C values), got None")
+    check_per_channel("act_weight", act_weight, x.shape[1], x.device, allow_scalar=True)
+    return act_weight
+
+
+def _act_arg(name: str, slope: float, act_weight: Optional[torch.Tensor]):
+    """The reference activation's parameter: the slope tensor for PReLU, the float slope otherwise."""
+    return act_weight if name == "prelu" else slope
+
+
 def _check_count(num_batches_tracked: torch.Tensor) -> None:
     """momentum=None in training: the running-average factor 1/num_batches_tracked needs a count >= 1
     (one host read, as nn.BatchNorm2d's own ``1 / float(num_batches_tracked)``; skipped while compiling)."""
@@ -102,15 +135,18 @@ def batch_norm_act_reference(
     weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
     momentum: Optional[float] = 0.1, eps: float = 1e-5, act: ActArg = "relu",
     negative_slope: Optional[float] = None, skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
-    *, num_batches_tracked: Optional[torch.Tensor] = None,
+    *, num_batches_tracked: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+    act_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``act(F.batch_norm(x))`` computed in fp32 (fp64 for fp64 input), returned in x's dtype.
+    """``act(F.batch_norm(x) + residual)`` computed in fp32 (fp64 for fp64 input), returned in x's
+    dtype (PReLU: ``F.prelu`` with ``act_weight``).
 
     Same arguments and semantics as :func:`batch_norm_act`; running statistics (any float
     dtype) are updated in place exactly as ``F.batch_norm`` does.
     """
     name, slope, gate_t = _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act,
                                     negative_slope, skip, gate, num_batches_tracked)
+    act_weight = _validate_post_norm(x, name, act, residual, act_weight)
     acc = acc_dtype(x)
     xa = _gated_sum_acc(x, skip, gate_t)
     # In training F.batch_norm updates copies that are written back: autograd then never saves the
@@ -123,7 +159,9 @@ def batch_norm_act_reference(
         with torch.no_grad():
             running_mean.copy_(rm)
             running_var.copy_(rv)
-    return apply_activation_reference(y, name, slope).to(x.dtype)
+    if residual is not None:
+        y = y + residual.to(acc)
+    return apply_activation_reference(y, name, _act_arg(name, slope, act_weight)).to(x.dtype)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -196,18 +234,21 @@ def _(counts, means, m2s, running_mean, running_var, num_batches_tracked, moment
     return means.new_empty(c), means.new_empty(c)
 
 
+# The residual and the PReLU slope come last, optional (schema defaults None): callers that do
+# not use them keep their argument lists. ``launcher`` is keyword-only (register_op passes it).
 @register_op("batch_norm_act_apply")
 def batch_norm_act_apply(
     x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor], mean: torch.Tensor,
     scale_src: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    from_var: bool, eps: float, act: int, slope: float, launcher,
+    from_var: bool, eps: float, act: int, slope: float, residual: Optional[torch.Tensor] = None,
+    act_weight: Optional[torch.Tensor] = None, *, launcher,
 ) -> torch.Tensor:
     return kernels.batch_norm_apply(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope,
-                                    launcher=launcher)
+                                    residual, act_weight, launcher=launcher)
 
 
 @batch_norm_act_apply.register_fake
-def _(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope):
+def _(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope, residual=None, act_weight=None):
     return torch.empty_like(x, memory_format=torch.preserve_format)
 
 
@@ -215,17 +256,20 @@ def _(x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope):
 def batch_norm_act_backward_reduce(
     grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    act: int, slope: float, gate_sums: bool, need_dgate: bool, inv_count: float, training: bool, launcher,
+    act: int, slope: float, gate_sums: bool, need_dgate: bool, inv_count: float, training: bool,
+    residual: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None, *, launcher,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     sums, dgate = kernels.batch_norm_backward_reduce(grad, x, skip, gate, mean, rstd, weight, bias, act, slope,
-                                                     gate_sums, need_dgate, inv_count, training, launcher=launcher)
+                                                     gate_sums, need_dgate, inv_count, training, residual,
+                                                     act_weight, launcher=launcher)
     # A gradient not asked for comes back as an empty tensor (custom ops cannot return None).
     return sums, (dgate if dgate is not None else mean.new_empty(0))
 
 
 @batch_norm_act_backward_reduce.register_fake
-def _(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums, need_dgate, inv_count, training):
-    sums = x.new_empty((5 if gate_sums else 2, x.shape[1]), dtype=acc_dtype(x))
+def _(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums, need_dgate, inv_count, training,
+      residual=None, act_weight=None):
+    sums = x.new_empty((kernels.sum_rows(gate_sums, act), x.shape[1]), dtype=acc_dtype(x))
     return sums, (torch.empty_like(gate) if need_dgate else mean.new_empty(0))
 
 
@@ -234,19 +278,23 @@ def batch_norm_act_backward_dx(
     grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     sums: torch.Tensor, inv_count: float, training: bool, act: int, slope: float, need_dx: bool, need_dskip: bool,
-    launcher,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    dx, dskip = kernels.batch_norm_backward_dx(grad, x, skip, gate, mean, rstd, weight, bias, sums, inv_count,
-                                               training, act, slope, need_dx, need_dskip, launcher=launcher)
+    residual: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None, need_dres: bool = False,
+    *, launcher,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dskip, dres = kernels.batch_norm_backward_dx(grad, x, skip, gate, mean, rstd, weight, bias, sums, inv_count,
+                                                     training, act, slope, need_dx, need_dskip, residual, act_weight,
+                                                     need_dres, launcher=launcher)
     # Gradients not asked for come back as empty tensors (custom ops cannot return None).
-    return (dx if dx is not None else x.new_empty(0), dskip if dskip is not None else x.new_empty(0))
+    return tuple(t if t is not None else x.new_empty(0) for t in (dx, dskip, dres))
 
 
 @batch_norm_act_backward_dx.register_fake
-def _(grad, x, skip, gate, mean, rstd, weight, bias, sums, inv_count, training, act, slope, need_dx, need_dskip):
+def _(grad, x, skip, gate, mean, rstd, weight, bias, sums, inv_count, training, act, slope, need_dx, need_dskip,
+      residual=None, act_weight=None, need_dres=False):
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else x.new_empty(0)
     dskip = torch.empty_like(skip, memory_format=torch.preserve_format) if need_dskip else x.new_empty(0)
-    return dx, dskip
+    dres = torch.empty_like(residual, memory_format=torch.preserve_format) if need_dres else x.new_empty(0)
+    return dx, dskip, dres
 
 
 def _call(name: str, *args):
@@ -271,19 +319,23 @@ class BatchNormActFunction(torch.autograd.Function):
 
     Forward (training): batch statistics (optionally merged across ranks by ``sync``, an object
     from :mod:`fusedskip.distributed` with ``gather_stats`` and ``all_reduce_``), running-stat
-    update, then ``act((x − mean)·rstd·γ + β)``. Eval: the running statistics.
-    Saved for backward: the input(s), γ, β and the per-channel statistics only.
+    update, then ``act((x − mean)·rstd·γ + β + residual)`` (PReLU: slope ``act_weight``). Eval:
+    the running statistics. Saved for backward: the input(s), the residual, γ, β, the slope and
+    the per-channel statistics only.
 
-    Backward, with dy' = dy·act'(z), x̂ = (x − mean)·rstd and M values per channel:
-    dβ = Σ dy', dγ = Σ dy'·x̂ (local sums: DDP reduces parameter gradients),
+    Backward, with z = x̂·γ + β + residual, dy' = dy·act'(z), x̂ = (x − mean)·rstd and M values
+    per channel: dβ = Σ dy', dγ = Σ dy'·x̂ (local sums: DDP reduces parameter gradients),
     dx = γ·rstd·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) with the sums all-reduced under sync (training),
     dx = γ·rstd·dy' (eval); with a skip: d_up = dx, d_skip = a·dx, d_a = Σ dx·skip (in the reduce
-    kernel; from all-reduced sums on the host under sync).
+    kernel; from all-reduced sums on the host under sync); d_residual = dy' (written by the dx
+    kernel); PReLU d_slope = Σ dy·z·[z ≤ 0] per channel (a row of the reduce kernel's sums;
+    summed over channels for a single slope; local, like dγ).
     """
 
     @staticmethod
     def forward(ctx, x, skip, gate, weight, bias, running_mean, running_var, num_batches_tracked,
-                training: bool, momentum: float, eps: float, act: int, slope: float, sync=None):
+                training: bool, momentum: float, eps: float, act: int, slope: float, sync=None, residual=None,
+                act_weight=None):
         count = _values_per_channel(x)
         if training:
             if sync is None:
@@ -301,8 +353,9 @@ class BatchNormActFunction(torch.autograd.Function):
             scale_src, from_var = rstd, False
         else:
             mean, scale_src, from_var = running_mean, running_var, True
-        out = _call("apply", x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope)
-        ctx.save_for_backward(x, skip, gate, weight, bias, mean, scale_src)
+        out = _call("apply", x, skip, gate, mean, scale_src, weight, bias, from_var, eps, act, slope, residual,
+                    act_weight)
+        ctx.save_for_backward(x, skip, gate, weight, bias, mean, scale_src, residual, act_weight)
         ctx.training, ctx.eps, ctx.act, ctx.slope, ctx.sync, ctx.count = training, eps, act, slope, sync, count
         return out
 
@@ -310,32 +363,43 @@ class BatchNormActFunction(torch.autograd.Function):
     def backward(ctx, grad):
         if create_graph_requested():  # the kernels' gradients are not differentiable again
             return _create_graph_backward(ctx, grad)
-        x, skip, gate, weight, bias, mean, scale_src = ctx.saved_tensors
+        x, skip, gate, weight, bias, mean, scale_src, residual, act_weight = ctx.saved_tensors
         need_dx, need_dskip, need_dgate, need_dw, need_db = ctx.needs_input_grad[:5]
+        need_dres, need_dslope = _post_norm_needs(ctx)
         training, sync = ctx.training, ctx.sync
         acc = acc_dtype(x)
         rstd = scale_src if training else torch.rsqrt(scale_src.to(acc) + ctx.eps)
         sync_dx = training and sync is not None and (need_dx or need_dskip or need_dgate)
         inv_count = 1.0 / max(ctx.count, 1)
         sums = global_sums = dgate = None
-        if training or need_dw or need_db or need_dgate:
+        if (training and (need_dx or need_dskip)) or need_dw or need_db or need_dgate or need_dslope:
             # The gate gradient comes from the kernel, except under sync (it needs the global sums).
             sums, dgate = _call("backward_reduce", grad, x, skip, gate, mean, rstd, weight, bias, ctx.act, ctx.slope,
-                                bool(need_dgate), bool(need_dgate and not sync_dx), inv_count, training)
+                                bool(need_dgate), bool(need_dgate and not sync_dx), inv_count, training, residual,
+                                act_weight)
             global_sums = sums
             if sync_dx:
                 global_sums = sync.all_reduce_(sums[:2].clone())
                 if need_dgate:
                     dgate = _sync_gate_gradient(sums, global_sums, rstd, weight, gate, inv_count, acc)
-        dx = dskip = None
-        if need_dx or need_dskip:
-            dx, dskip = _call("backward_dx", grad, x, skip, gate, mean, rstd, weight, bias,
-                              global_sums if global_sums is not None else mean.new_zeros(2, x.shape[1]),
-                              inv_count, training, ctx.act, ctx.slope, bool(need_dx), bool(need_dskip))
+        dx = dskip = dres = None
+        if need_dx or need_dskip or need_dres:
+            dx, dskip, dres = _call("backward_dx", grad, x, skip, gate, mean, rstd, weight, bias,
+                                    global_sums if global_sums is not None else mean.new_zeros(2, x.shape[1]),
+                                    inv_count, training, ctx.act, ctx.slope, bool(need_dx), bool(need_dskip),
+                                    residual, act_weight, bool(need_dres))
         dw = sums[1].to(weight.dtype) if need_dw else None
         db = sums[0].to(bias.dtype) if need_db else None
+        dslope = gate_gradient(sums[-1], act_weight) if need_dslope else None  # the PReLU row is the last
         return (dx if need_dx else None, dskip if need_dskip else None, dgate if need_dgate else None, dw, db,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, dres if need_dres else None, dslope)
+
+
+def _post_norm_needs(ctx) -> Tuple[bool, bool]:
+    """needs_input_grad of the residual and the PReLU slope (inputs 14 and 15; False when a caller
+    of BatchNormActFunction.apply passed neither)."""
+    needs = tuple(ctx.needs_input_grad) + (False,) * 16
+    return bool(needs[14]), bool(needs[15])
 
 
 def _sync_gate_gradient(sums, global_sums, rstd, weight, gate, inv_count: float, acc):
@@ -353,7 +417,7 @@ def _create_graph_backward(ctx, grad):
     if ctx.sync is not None:
         raise RuntimeError("double backward (create_graph=True) through synchronised batch_norm_act is not "
                            "supported: compute the gradient penalty without SyncBatchNorm (e.g. in eval mode)")
-    x, skip, gate, weight, bias, mean, scale_src = ctx.saved_tensors
+    x, skip, gate, weight, bias, mean, scale_src, residual, act_weight = ctx.saved_tensors
     acc = acc_dtype(x)
     name = activation_name(ctx.act)
 
@@ -361,10 +425,13 @@ def _create_graph_backward(ctx, grad):
         xa = _gated_sum_acc(x, skip, gate)
         rm, rv = (None, None) if ctx.training else (mean.to(acc).contiguous(), scale_src.to(acc).contiguous())
         y = _batch_norm_core(xa, rm, rv, weight, bias, ctx.training, 0.0, ctx.eps)
-        return apply_activation_reference(y, name, ctx.slope).to(x.dtype)
+        if residual is not None:
+            y = y + residual.to(acc)
+        return apply_activation_reference(y, name, _act_arg(name, ctx.slope, act_weight)).to(x.dtype)
 
-    grads = differentiable_grads(grad, (x, skip, gate, weight, bias), ctx.needs_input_grad[:5], recompute)
-    return grads + (None,) * 9
+    needs = tuple(ctx.needs_input_grad[:5]) + _post_norm_needs(ctx)
+    grads = differentiable_grads(grad, (x, skip, gate, weight, bias, residual, act_weight), needs, recompute)
+    return grads[:5] + (None,) * 9 + grads[5:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,9 +442,10 @@ def batch_norm_act(
     weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
     momentum: Optional[float] = 0.1, eps: float = 1e-5, act: ActArg = "relu",
     negative_slope: Optional[float] = None, skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
-    *, num_batches_tracked: Optional[torch.Tensor] = None,
+    *, num_batches_tracked: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+    act_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused batch norm + activation: ``y = act((x − μ_c)/√(σ²_c + eps)·γ_c + β_c)``.
+    """Fused batch norm + activation: ``y = act((x − μ_c)/√(σ²_c + eps)·γ_c + β_c [+ residual])``.
 
     Args:
         x: ``[N, C, H, W]`` float16 / bfloat16 / float32 / float64, any strides (NCHW and
@@ -393,36 +461,48 @@ def batch_norm_act(
         momentum: float, or None for a cumulative moving average (pass num_batches_tracked,
             already incremented for this batch, as nn.BatchNorm2d does).
         eps: added to the variance.
-        act: ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``
-            (or None / a torch activation module); ``negative_slope`` for leaky_relu (0.01).
+        act: ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``,
+            ``"prelu"``, ... (or None / a torch activation module); ``negative_slope`` for
+            leaky_relu (0.01).
         skip, gate: optional skip tensor (x's shape, dtype, device) and gate ``a`` (float, or a
-            tensor of 1 or C values; 1.0 by default).
+            tensor of 1 or C values; 1.0 by default). Added before the norm.
+        residual: optional tensor (x's shape, dtype and device, any strides) added after the norm
+            and before the activation; read once in the forward, its gradient is dy·act'(z).
+        act_weight: PReLU's learned slope (1 or C values, any float dtype), required for
+            ``act="prelu"``; for ``act=nn.PReLU(...)`` the module's weight is used when None.
+            Only valid with PReLU.
 
     Statistics are fp32 (fp64 for fp64 input), Welford/Chan-merged, deterministic.
     Gradients (dy' = dy·act'(z), x̂ the normalised input, M = N·H·W): dβ = Σ dy', dγ = Σ dy'·x̂,
     dx = γ·rstd·(dy' − mean(dy') − x̂·mean(dy'·x̂)) in training, γ·rstd·dy' in eval;
-    with a skip d_up = dx, d_skip = a·dx, d_a = Σ dx·skip.
+    with a skip d_up = dx, d_skip = a·dx, d_a = Σ dx·skip; d_residual = dy'; PReLU
+    d_act_weight = Σ dy·z·[z ≤ 0] per channel (z the pre-activation; over all channels for one slope).
 
     Runs the Triton kernels or the reference path as :mod:`fusedskip.backend` decides. Raises
     ``TypeError``/``ValueError`` for bad shapes, dtypes or devices, a non-bool ``training``,
     ``eps = 0`` in training (as torch), ``num_batches_tracked < 1`` with ``momentum=None`` in
-    training, and torch's "Expected more than 1 value per channel when training" error, before
-    any launch. Under ``create_graph=True`` the backward is built from differentiable torch ops
+    training, a residual unlike x, an ``act_weight`` without PReLU (or PReLU without one, or one
+    of the wrong size or device), and torch's "Expected more than 1 value per channel when
+    training" error, before any launch. Under ``create_graph=True`` the backward is built from differentiable torch ops
     (exact second derivatives, e.g. for a gradient penalty); otherwise it runs the kernels.
     """
     name, slope, gate_t = _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, act,
                                     negative_slope, skip, gate, num_batches_tracked)
+    act_weight = _validate_post_norm(x, name, act, residual, act_weight)
     if not backend.use_triton(x):
         return batch_norm_act_reference(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                                        name, slope, skip, gate_t, num_batches_tracked=num_batches_tracked)
+                                        name, slope, skip, gate_t, num_batches_tracked=num_batches_tracked,
+                                        residual=residual, act_weight=act_weight)
     return _batch_norm_act_triton(x, running_mean, running_var, weight, bias, training, momentum, eps, name, slope,
-                                  skip, gate_t, num_batches_tracked)
+                                  skip, gate_t, num_batches_tracked, residual=residual, act_weight=act_weight)
 
 
 def _batch_norm_act_triton(x, running_mean, running_var, weight, bias, training: bool, momentum: Optional[float],
-                           eps: float, name: str, slope: float, skip, gate_t, num_batches_tracked, sync=None):
+                           eps: float, name: str, slope: float, skip, gate_t, num_batches_tracked, sync=None,
+                           residual=None, act_weight=None):
     """The Triton path of :func:`batch_norm_act` on validated arguments (``gate_t`` from
-    :func:`_validate`); ``sync`` merges the batch statistics across ranks (fusedskip.distributed)."""
+    :func:`_validate`, ``act_weight`` from :func:`_validate_post_norm`); ``sync`` merges the batch
+    statistics across ranks (fusedskip.distributed)."""
     use_cma = momentum is None and training and running_mean is not None
     # The kernels index the C-element parameter and statistics vectors densely: strided views
     # (e.g. weight[::2]) go through a contiguous copy; updated statistics are copied back.
@@ -435,7 +515,7 @@ def _batch_norm_act_triton(x, running_mean, running_var, weight, bias, training:
     out = BatchNormActFunction.apply(
         x, skip, gate_t, weight, bias, rm, rv,
         num_batches_tracked if use_cma else None, bool(training), 0.0 if momentum is None else float(momentum),
-        float(eps), ACTIVATION_IDS[name], float(slope), sync)
+        float(eps), ACTIVATION_IDS[name], float(slope), sync, residual, act_weight)
     if strided_stats and training:
         running_mean.copy_(rm)
         running_var.copy_(rv)
@@ -445,8 +525,9 @@ def _batch_norm_act_triton(x, running_mean, running_var, weight, bias, training:
 # --------------------------------------------------------------------------------------------
 # Module
 # --------------------------------------------------------------------------------------------
-class BatchNormAct2d(nn.Module):
-    """BatchNorm2d fused with an activation: ``act(BN(x))``, or ``act(BN(up + a·skip))``.
+class BatchNormAct2d(nn.Module, PReLUWeight):
+    """BatchNorm2d fused with an activation: ``act(BN(x))``, or ``act(BN(up + a·skip))``, or with
+    a residual added after the norm ``act(BN(x) + residual)``.
 
     Parameters and buffers carry exactly nn.BatchNorm2d's names (``weight``, ``bias``,
     ``running_mean``, ``running_var``, ``num_batches_tracked``), so state_dicts load either way.
@@ -465,13 +546,18 @@ class BatchNormAct2d(nn.Module):
         eps, momentum, affine, track_running_stats: as nn.BatchNorm2d.
         act: activation name or torch module (see :func:`batch_norm_act`); ``negative_slope``
             for leaky_relu.
+        prelu_parameters: for ``act="prelu"``, the number of learned slopes (1 or
+            ``num_features``, 0.25 each as nn.PReLU); they are the Parameter ``act_weight``
+            (state_dict key ``act_weight``, present only when the module owns the slope: after
+            :meth:`borrow_act_weight` the slope is read from its owner). ``act=nn.PReLU(...)``
+            copies that module's weight.
     """
 
     _version = 2  # nn.BatchNorm2d's state_dict version (num_batches_tracked present)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, act: ActArg = "relu", negative_slope: Optional[float] = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, prelu_parameters: int = 1):
         super().__init__()
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -500,6 +586,7 @@ class BatchNormAct2d(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+        self._init_act_weight(act, self.act_name, num_features, prelu_parameters, factory)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -512,6 +599,8 @@ class BatchNormAct2d(nn.Module):
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
+        if getattr(self, "act_weight", None) is not None:  # an owned PReLU slope: nn.PReLU's init
+            nn.init.constant_(self.act_weight, DEFAULT_PRELU_INIT)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -535,20 +624,24 @@ class BatchNormAct2d(nn.Module):
         return dist.get_world_size(self.process_group or dist.group.WORLD) > 1
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
-                *, input_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``act(BN(x))``, or ``act(BN(x + gate·skip))`` with ``skip``.
+                *, input_bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """``act(BN(x))``, or ``act(BN(x + gate·skip))`` with ``skip``, plus ``residual`` after
+        the norm: ``act(BN(·) + residual)``. Like eager's add, a residual that broadcasts to x's
+        shape is expanded and a wider dtype promotes the computation (``_checks.conform_residual``).
 
         ``input_bias`` (C values, used by ConvNormAct for a conv bias that the norm absorbs):
         behave exactly as if the input were ``x + input_bias[c]``. Batch statistics cancel it, so
         it only enters the running mean (training) and the running-statistics normalisation
         (eval); it receives no gradient.
         """
-        traced = fx_leaf_call(self, x, skip, gate, input_bias=input_bias)
+        traced = fx_leaf_call(self, x, skip, gate, input_bias=input_bias, residual=residual)
         if traced is not None:  # torch.fx tracing: one call_module node, like torch's own norms
             return traced
         check_activation("x", x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"x must have {self.num_features} channels for this BatchNormAct2d, got {x.shape[1]}")
+        x, residual, skip = conform_residual(x, residual, skip)  # broadcast / promote as eager's add would
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
@@ -562,6 +655,7 @@ class BatchNormAct2d(nn.Module):
             x, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum, self.eps,
             self.act_name, self.negative_slope, skip, gate, self.num_batches_tracked if counting else None,
             single_value_check=not sync_needed, count_check=False)
+        act_weight = _validate_post_norm(x, name, self.act_name, residual, self.prelu_weight)
         use_triton = backend.use_triton(x)  # raises here for a backend that cannot run on x's device
         nbt = None
         if counting:
@@ -577,25 +671,31 @@ class BatchNormAct2d(nn.Module):
             from ..distributed import sync_batch_norm_act
             out = sync_batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training,
                                       self.momentum, self.eps, self.act_name, self.negative_slope, skip, gate,
-                                      num_batches_tracked=nbt, process_group=self.process_group)
+                                      num_batches_tracked=nbt, process_group=self.process_group,
+                                      residual=residual, act_weight=act_weight)
         else:
             if bn_training and self.training:
                 warn_if_unsynchronised(self)
             if use_triton:  # validated above: straight to the kernels (batch_norm_act would check it all again)
                 out = _batch_norm_act_triton(x, running_mean, running_var, self.weight, self.bias, bn_training,
-                                             self.momentum, self.eps, name, slope, skip, gate_t, nbt)
+                                             self.momentum, self.eps, name, slope, skip, gate_t, nbt,
+                                             residual=residual, act_weight=act_weight)
             else:
                 out = batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training,
                                      self.momentum, self.eps, self.act_name, self.negative_slope, skip, gate,
-                                     num_batches_tracked=nbt)
+                                     num_batches_tracked=nbt, residual=residual, act_weight=act_weight)
         if input_bias is not None and bn_training and running_mean is not None and x.numel() > 0:
-            # The batch mean of x + b is mean(x) + b: add the factor's share of b to the running mean.
-            with torch.no_grad():
-                if self.momentum is None:
-                    running_mean.add_(input_bias.to(running_mean.dtype) / self.num_batches_tracked)
-                else:
-                    running_mean.add_(input_bias.to(running_mean.dtype), alpha=self.momentum)
+            self._absorb_input_bias(input_bias, running_mean)
         return out
+
+    def _absorb_input_bias(self, input_bias: torch.Tensor, running_mean: torch.Tensor) -> None:
+        """After a training step on x: the batch mean of x + b is mean(x) + b, so add the
+        running-average factor's share of ``input_bias`` to the running mean."""
+        with torch.no_grad():
+            if self.momentum is None:
+                running_mean.add_(input_bias.to(running_mean.dtype) / self.num_batches_tracked)
+            else:
+                running_mean.add_(input_bias.to(running_mean.dtype), alpha=self.momentum)
 
     @property
     def act(self) -> str:
@@ -606,6 +706,9 @@ class BatchNormAct2d(nn.Module):
 
     def extra_repr(self) -> str:
         act = self.act_name + (f"({self.negative_slope})" if self.act_name == "leaky_relu" else "")
+        if self.act_name == "prelu":
+            borrowed = ", borrowed" if self.act_weight is None else ""
+            act += f"(num_parameters={self.prelu_weight.numel()}{borrowed})"
         sync = f", sync=True, process_group={self.process_group}" if self.sync else ""
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, act={act}{sync}")

@@ -131,7 +131,7 @@ class ConvNormAct(nn.Module):
                                             bn.weight, bn.bias)
         conv.weight = weight
         conv.bias = bias
-        self.norm = activation_module(bn.act_name, bn.negative_slope)
+        self.norm = activation_module(bn.act_name, bn.negative_slope, bn.prelu_weight)
         self.bias_absorbed = False
         self.folded = True
         return self

@@ -1,10 +1,12 @@
-"""Fused GroupNorm + activation, optionally preceded by a gated additive skip.
+"""Fused GroupNorm + activation, optionally preceded by a gated additive skip and followed by a
+per-(sample, channel) scale and shift and a residual add.
 
-``y = act(GroupNorm(h))`` with ``h = x`` or ``h = x + a ⊙ skip`` (the skip is fused: ``h`` is
-never written to memory). Side by side here: the reference PyTorch path, the torch.library ops
-that launch the Triton kernels (``fusedskip/kernels/group_norm_act.py``), the autograd Function,
-the functional :func:`group_norm_act` and the modules :class:`GroupNormAct` and
-:class:`InstanceNormAct2d`.
+``y = act(GroupNorm(h)·(1 + scale) + shift + residual)`` with ``h = x`` or ``h = x + a ⊙ skip``
+(the skip is fused: ``h`` is never written to memory; scale, shift and residual are optional;
+``act`` may be PReLU with its learned slope). Side by side here: the reference PyTorch path, the
+torch.library ops that launch the Triton kernels (``fusedskip/kernels/group_norm_act.py``), the
+autograd Function, the functional :func:`group_norm_act` and the modules :class:`GroupNormAct`
+and :class:`InstanceNormAct2d`.
 """
 from __future__ import annotations
 
@@ -16,8 +18,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import backend
-from .._checks import check_activation, check_per_channel
-from ..activations import ACTIVATION_IDS, apply_activation_reference, resolve_activation
+from .._checks import (
+    FLOAT_DTYPES,
+    check_activation,
+    check_per_channel,
+    check_same_shape_device_dtype,
+    conform_residual,
+)
+from ..activations import (
+    ACTIVATION_IDS,
+    DEFAULT_PRELU_INIT,
+    PReLUWeight,
+    apply_activation_reference,
+    resolve_activation,
+)
 from ..conversion.interop import fx_leaf_call, refuse_script
 from ..kernels import group_norm_act as kernels
 from ..kernels.launch import acc_dtype, register_op
@@ -66,17 +80,65 @@ def _check_affine(x: torch.Tensor, weight, bias) -> None:
         check_per_channel("bias", bias, channels, x.device, allow_scalar=False)
 
 
+def _check_residual(x: torch.Tensor, residual) -> None:
+    """The residual added before the activation: x's shape, dtype and device (any strides)."""
+    if residual is not None:
+        check_activation("residual", residual)
+        check_same_shape_device_dtype("x", x, "residual", residual)
+
+
+def _check_per_sample_channel(name: str, t, x: torch.Tensor) -> None:
+    """``scale`` / ``shift``: one float value per (sample, channel), [N, C] or [N, C, 1, 1]."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    n, c = x.shape[:2]
+    if tuple(t.shape) not in ((n, c), (n, c, 1, 1)):
+        raise ValueError(f"{name} must have shape [N, C] = {[n, c]} or [N, C, 1, 1] = {[n, c, 1, 1]} "
+                         f"(one value per sample and channel), got {list(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def _resolve_act_weight(act, name: str, act_weight, channels: int, device) -> Optional[torch.Tensor]:
+    """PReLU's learned slope: ``act_weight``, else the weight of an ``nn.PReLU`` given as ``act``;
+    1 or C values on x's device. Only with PReLU, and PReLU needs it."""
+    if act_weight is None and isinstance(act, nn.PReLU):
+        act_weight = act.weight
+    if name != "prelu":
+        if act_weight is not None:
+            raise ValueError(f"act_weight is PReLU's learned slope: it needs act='prelu' (or nn.PReLU), "
+                             f"got act={name!r}")
+        return None
+    if act_weight is None:
+        raise ValueError("act='prelu' needs its learned slope: pass act_weight (1 or C values) or act=nn.PReLU(...)")
+    check_per_channel("act_weight", act_weight, channels, device, allow_scalar=True)
+    return act_weight
+
+
 # --------------------------------------------------------------------------------------------
 # Reference path: plain PyTorch, differentiated by autograd.
 # --------------------------------------------------------------------------------------------
 def group_norm_act_reference(
     x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5, act: ActArg = "relu", negative_slope: Optional[float] = None,
-    skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
+    skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None, *,
+    residual: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``act(F.group_norm(x [+ gate ⊙ skip]))`` in PyTorch ops, computed in fp32 (fp64 for fp64
-    inputs) and cast back to x's dtype. Same arguments as :func:`group_norm_act`."""
+    """``act(F.group_norm(x [+ gate ⊙ skip])·(1 + scale) + shift + residual)`` in PyTorch ops,
+    computed in fp32 (fp64 for fp64 inputs) and cast back to x's dtype. Same arguments as
+    :func:`group_norm_act`."""
     name, slope = resolve_activation(act, negative_slope)
+    if act_weight is None and isinstance(act, nn.PReLU):
+        act_weight = act.weight
+    if name == "prelu" and act_weight is None:
+        raise ValueError("act='prelu' needs its learned slope: pass act_weight (1 or C values) or act=nn.PReLU(...)")
     acc = acc_dtype(x)
     h = _gated_sum_acc(x, skip, gate)
     if h.numel():
@@ -86,11 +148,18 @@ def group_norm_act_reference(
         n, c = h.shape[:2]
         # Per-channel means, then per group (equal counts per channel): no view of h, whose
         # layout may be channels_last (a reshape there breaks under torch.compile's AOT tracing).
-        shift = h.detach().mean(dim=(2, 3)).unflatten(1, (num_groups, c // num_groups)).mean(-1)
-        h = h - shift.repeat_interleave(c // num_groups, dim=1)[:, :, None, None]
+        centre = h.detach().mean(dim=(2, 3)).unflatten(1, (num_groups, c // num_groups)).mean(-1)
+        h = h - centre.repeat_interleave(c // num_groups, dim=1)[:, :, None, None]
     z = F.group_norm(h, num_groups, None if weight is None else weight.to(acc),
                      None if bias is None else bias.to(acc), eps)
-    return apply_activation_reference(z, name, slope).to(x.dtype)
+    n, c = z.shape[:2]
+    if scale is not None:
+        z = z * (1.0 + scale.to(acc).reshape(n, c, 1, 1))
+    if shift is not None:
+        z = z + shift.to(acc).reshape(n, c, 1, 1)
+    if residual is not None:
+        z = z + residual.to(acc)
+    return apply_activation_reference(z, name, act_weight if name == "prelu" else slope).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,15 +172,19 @@ def group_norm_act_reference(
 def group_norm_act_forward(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
-    num_groups: int, eps: float, act: str, negative_slope: float, launcher,
+    num_groups: int, eps: float, act: str, negative_slope: float,
+    residual: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None, *, launcher,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)``; mean/rstd are [N, num_groups] in the accumulation dtype."""
     return kernels.group_norm_act_forward(x, weight, bias, skip, gate, num_groups, eps,
-                                          ACTIVATION_IDS[act], negative_slope, launcher=launcher)
+                                          ACTIVATION_IDS[act], negative_slope, launcher=launcher,
+                                          residual=residual, scale=scale, shift=shift, act_weight=act_weight)
 
 
 @group_norm_act_forward.register_fake
-def _(x, weight, bias, skip, gate, num_groups, eps, act, negative_slope):
+def _(x, weight, bias, skip, gate, num_groups, eps, act, negative_slope,
+      residual=None, scale=None, shift=None, act_weight=None):
     stats = x.new_empty((x.shape[0], num_groups), dtype=acc_dtype(x))
     return torch.empty_like(x, memory_format=torch.preserve_format), stats, torch.empty_like(stats)
 
@@ -121,52 +194,71 @@ def group_norm_act_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     skip: Optional[torch.Tensor], gate: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
     num_groups: int, act: str, negative_slope: float,
-    need_dx: bool, need_dskip: bool, need_dgate: bool, need_dweight: bool, need_dbias: bool, launcher,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dskip, dgate, dweight, dbias)``; gradients not asked for are empty tensors."""
+    need_dx: bool, need_dskip: bool, need_dgate: bool, need_dweight: bool, need_dbias: bool,
+    residual: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None,
+    need_dres: bool = False, need_dscale: bool = False, need_dshift: bool = False, need_dslope: bool = False,
+    *, launcher,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dskip, dgate, dweight, dbias, dresidual, dscale, dshift, dact_weight)``; gradients
+    not asked for are empty tensors."""
     grads = kernels.group_norm_act_backward(
         grad, x, weight, bias, skip, gate, mean, rstd, num_groups, ACTIVATION_IDS[act], negative_slope,
-        need_dx, need_dskip, need_dgate, need_dweight, need_dbias, launcher=launcher)
+        need_dx, need_dskip, need_dgate, need_dweight, need_dbias, launcher=launcher,
+        residual=residual, scale=scale, shift=shift, act_weight=act_weight,
+        need_dres=need_dres, need_dscale=need_dscale, need_dshift=need_dshift, need_dslope=need_dslope)
     # Custom ops cannot return None: absent gradients come back as empty tensors.
     return tuple(gr if gr is not None else x.new_empty(0) for gr in grads)
 
 
 @group_norm_act_backward.register_fake
 def _(grad, x, weight, bias, skip, gate, mean, rstd, num_groups, act, negative_slope,
-      need_dx, need_dskip, need_dgate, need_dweight, need_dbias):
+      need_dx, need_dskip, need_dgate, need_dweight, need_dbias,
+      residual=None, scale=None, shift=None, act_weight=None,
+      need_dres=False, need_dscale=False, need_dshift=False, need_dslope=False):
     def like(t, needed):
         return torch.empty_like(t, memory_format=torch.preserve_format) if needed and t is not None else x.new_empty(0)
 
+    def dense(t, needed):  # the kernels write these dense in t's shape
+        return t.new_empty(t.shape) if needed and t is not None else x.new_empty(0)
+
     has_skip = skip is not None
     return (like(x, need_dx), like(skip, need_dskip and has_skip), like(gate, need_dgate and has_skip),
-            like(weight, need_dweight), like(bias, need_dbias))
+            like(weight, need_dweight), like(bias, need_dbias), like(residual, need_dres),
+            dense(scale, need_dscale), dense(shift, need_dshift), dense(act_weight, need_dslope))
 
 
 class GroupNormActFunction(torch.autograd.Function):
-    """Autograd Function of the fused op ``y = act(γ ⊙ x̂ + β)``, ``x̂ = GN-normalised h``,
-    ``h = x (+ a ⊙ skip)``.
+    """Autograd Function of the fused op ``y = act(u)``, ``u = (γ ⊙ x̂ + β)·(1 + scale) + shift
+    + residual``, ``x̂ = GN-normalised h``, ``h = x (+ a ⊙ skip)``.
 
-    Saves only x (and skip, gate), the parameters and fp32 (mean, rstd); the backward recomputes
-    h, x̂, z and act'(z). Gradients (dz = dy·act'(z), g = γ·dz, means over each group):
+    Saves only x (and skip, gate, residual, scale, shift, act_weight), the parameters and fp32
+    (mean, rstd); the backward recomputes h, x̂, u and act'(u). Gradients (du = dy·act'(u),
+    γ' = γ·(1 + scale), g = γ'·du, means over each group; A = Σ du·x̂, B = Σ du per (n, c)):
     ``dh = rstd·(g − mean(g) − x̂·mean(g·x̂))``, ``dx = dh``, ``dskip = a·dh``,
-    ``da = Σ dh·skip``, ``dγ = Σ dz·x̂``, ``dβ = Σ dz``.
+    ``da = Σ dh·skip``, ``dγ = Σ_n (1 + scale)·A``, ``dβ = Σ_n (1 + scale)·B``,
+    ``dresidual = du``, ``dscale = γ·A + β·B``, ``dshift = B``, ``dact_weight = Σ dy·u (u ≤ 0)``.
 
     Inputs: ``x, weight, bias, skip, gate`` (tensors or None; ``gate`` in the accumulation
     dtype with 1 or C values), then ``num_groups, eps, act`` (a name of
-    :data:`fusedskip.activations.ACTIVATION_IDS`) and ``negative_slope`` (float).
+    :data:`fusedskip.activations.ACTIVATION_IDS`) and ``negative_slope`` (float), then the
+    optional ``residual, scale, shift, act_weight`` (validated by :func:`group_norm_act`).
     Eager calls launch the kernels directly (cached launch plans); under torch.compile the
     torch.library ops run.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, skip, gate, num_groups: int, eps: float, act: str, negative_slope: float):
+    def forward(ctx, x, weight, bias, skip, gate, num_groups: int, eps: float, act: str, negative_slope: float,
+                residual=None, scale=None, shift=None, act_weight=None):
+        extras = dict(residual=residual, scale=scale, shift=shift, act_weight=act_weight)
         if torch.compiler.is_compiling():
             y, mean, rstd = torch.ops.fusedskip.group_norm_act_forward(
-                x, weight, bias, skip, gate, num_groups, eps, act, negative_slope)
+                x, weight, bias, skip, gate, num_groups, eps, act, negative_slope, residual, scale, shift, act_weight)
         else:
             y, mean, rstd = kernels.group_norm_act_forward(
-                x, weight, bias, skip, gate, num_groups, eps, ACTIVATION_IDS[act], negative_slope)
-        ctx.save_for_backward(x, weight, bias, skip, gate, mean, rstd)
+                x, weight, bias, skip, gate, num_groups, eps, ACTIVATION_IDS[act], negative_slope, **extras)
+        ctx.save_for_backward(x, weight, bias, skip, gate, mean, rstd, residual, scale, shift, act_weight)
         ctx.num_groups = num_groups
         ctx.eps = eps
         ctx.act = act
@@ -175,24 +267,31 @@ class GroupNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, skip, gate, mean, rstd = ctx.saved_tensors
+        x, weight, bias, skip, gate, mean, rstd, residual, scale, shift, act_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5] + ctx.needs_input_grad[9:13]
         if create_graph_requested():  # the kernels' gradients are not differentiable again
             grads = differentiable_grads(
-                grad, (x, weight, bias, skip, gate), ctx.needs_input_grad[:5],
+                grad, (x, weight, bias, skip, gate, residual, scale, shift, act_weight), needs,
                 lambda: group_norm_act_reference(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act,
-                                                 ctx.negative_slope, skip, gate))
-            return grads + (None,) * 4
-        need_dx, need_dw, need_db, need_dskip, need_dgate = ctx.needs_input_grad[:5]
+                                                 ctx.negative_slope, skip, gate, residual=residual, scale=scale,
+                                                 shift=shift, act_weight=act_weight))
+            return grads[:5] + (None,) * 4 + grads[5:]
+        need_dx, need_dw, need_db, need_dskip, need_dgate, need_dres, need_dscale, need_dshift, need_dslope = needs
         if torch.compiler.is_compiling():
-            dx, dskip, dgate, dw, db = torch.ops.fusedskip.group_norm_act_backward(
+            out = torch.ops.fusedskip.group_norm_act_backward(
                 grad, x, weight, bias, skip, gate, mean, rstd, ctx.num_groups, ctx.act, ctx.negative_slope,
-                need_dx, need_dskip, need_dgate, need_dw, need_db)
+                need_dx, need_dskip, need_dgate, need_dw, need_db, residual, scale, shift, act_weight,
+                need_dres, need_dscale, need_dshift, need_dslope)
         else:
-            dx, dskip, dgate, dw, db = kernels.group_norm_act_backward(
+            out = kernels.group_norm_act_backward(
                 grad, x, weight, bias, skip, gate, mean, rstd, ctx.num_groups, ACTIVATION_IDS[ctx.act],
-                ctx.negative_slope, need_dx, need_dskip, need_dgate, need_dw, need_db)
-        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-                dskip if need_dskip else None, dgate if need_dgate else None, None, None, None, None)
+                ctx.negative_slope, need_dx, need_dskip, need_dgate, need_dw, need_db,
+                residual=residual, scale=scale, shift=shift, act_weight=act_weight, need_dres=need_dres,
+                need_dscale=need_dscale, need_dshift=need_dshift, need_dslope=need_dslope)
+        dx, dskip, dgate, dw, db, dres, dscale, dshift, dslope = (
+            gr if need else None for gr, need in zip(out, (need_dx, need_dskip, need_dgate, need_dw, need_db,
+                                                            need_dres, need_dscale, need_dshift, need_dslope)))
+        return dx, dw, db, dskip, dgate, None, None, None, None, dres, dscale, dshift, dslope
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,15 +300,22 @@ class GroupNormActFunction(torch.autograd.Function):
 def group_norm_act(
     x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5, act: ActArg = "relu", negative_slope: Optional[float] = None,
-    skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None,
+    skip: Optional[torch.Tensor] = None, gate: Optional[GateArg] = None, *,
+    residual: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused GroupNorm + activation, optionally with a gated skip added first:
+    """Fused GroupNorm + activation, optionally with a gated skip added first and a
+    per-(sample, channel) scale / shift and a residual added before the activation:
 
         h = x + a ⊙ skip        (only when ``skip`` is given; never materialised)
-        y = act(γ ⊙ (h − μ_{n,g}) · rstd_{n,g} + β),   rstd = 1 / sqrt(var_{n,g} + eps)
+        z = γ ⊙ (h − μ_{n,g}) · rstd_{n,g} + β,   rstd = 1 / sqrt(var_{n,g} + eps)
+        y = act(z · (1 + scale) + shift + residual)
 
     with μ, var (biased) over each group of C/G channels × H × W of each sample, as
     ``nn.GroupNorm``. ``num_groups = C`` is InstanceNorm, ``num_groups = 1`` LayerNorm over C·H·W.
+    ``act(norm(x) + residual)`` is MONAI's UnetResBlock (InstanceNorm, LeakyReLU) and ResNet-style
+    blocks; ``silu(norm(x)·(1 + scale) + shift)`` diffusers' ResnetBlock2D with
+    ``time_embedding_norm="scale_shift"``.
 
     Args:
         x: ``[N, C, H, W]`` float16 / bfloat16 / float32 / float64, any strides (NCHW and
@@ -219,15 +325,25 @@ def group_norm_act(
             bf16/fp16 x, as under autocast, are fine).
         eps: added to the variance.
         act: ``"identity"``/None, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``,
-            ``"gelu_tanh"``, or the matching torch module (``nn.ReLU()``, ``nn.GELU("tanh")``, ...).
+            ``"gelu_tanh"``, ``"prelu"``, ..., or the matching torch module (``nn.ReLU()``,
+            ``nn.GELU("tanh")``, ``nn.PReLU(C)`` (its weight is the slope unless ``act_weight``
+            is given), ...).
         negative_slope: LeakyReLU's slope (default 0.01); ignored by other activations.
         skip: optional tensor of x's shape, device and dtype, added as ``a ⊙ skip`` before the norm.
         gate: ``a``: a float or a tensor of 1 or C values (default 1.0); only with ``skip``.
+        residual: optional tensor of x's shape, device and dtype (any strides), added after the
+            norm (read once in the forward).
+        scale, shift: optional per-(sample, channel) values, ``[N, C]`` or ``[N, C, 1, 1]``, any
+            float dtype, on x's device (either alone: the other is 0).
+        act_weight: PReLU's learned slope, 1 or C values (only with ``act="prelu"``, which needs it).
 
     Statistics and arithmetic are fp32 (fp64 for fp64 inputs); y has x's dtype.
-    Gradients (dz = dy·act'(z), g = γ·dz, means over each group): ``∂L/∂h = rstd·(g − mean(g)
+    Gradients (du = dy·act'(u) with u the activation's input, γ' = γ·(1 + scale), g = γ'·du,
+    means over each group; A = Σ_hw du·x̂, B = Σ_hw du per (n, c)): ``∂L/∂h = rstd·(g − mean(g)
     − x̂·mean(g·x̂))``, ``∂L/∂x = ∂L/∂h``, ``∂L/∂skip = a·∂L/∂h``, ``∂L/∂a = Σ ∂L/∂h·skip``,
-    ``∂L/∂γ = Σ dz·x̂``, ``∂L/∂β = Σ dz``; reductions are deterministic (no float atomics).
+    ``∂L/∂γ = Σ_n (1 + scale)·A``, ``∂L/∂β = Σ_n (1 + scale)·B``, ``∂L/∂residual = du``,
+    ``∂L/∂scale = γ·A + β·B``, ``∂L/∂shift = B``, ``∂L/∂act_weight = Σ dy·u over u ≤ 0`` (per
+    channel, or over all for one slope); reductions are deterministic (no float atomics).
 
     Runs the Triton kernels or the reference path as :mod:`fusedskip.backend` decides.
     Raises ``TypeError``/``ValueError`` naming the argument before any launch, also for what
@@ -241,25 +357,38 @@ def group_norm_act(
     eps = _check_eps(eps)
     _check_affine(x, weight, bias)
     a = _skip_gate_tensor(x, skip, gate)
+    _check_residual(x, residual)
+    _check_per_sample_channel("scale", scale, x)
+    _check_per_sample_channel("shift", shift, x)
+    act_weight = _resolve_act_weight(act, name, act_weight, x.shape[1], x.device)
     if backend.use_triton(x):
-        return GroupNormActFunction.apply(x, weight, bias, skip, a, num_groups, eps, name, slope)
-    return group_norm_act_reference(x, num_groups, weight, bias, eps, name, slope, skip, a)
+        return GroupNormActFunction.apply(x, weight, bias, skip, a, num_groups, eps, name, slope,
+                                          residual, scale, shift, act_weight)
+    return group_norm_act_reference(x, num_groups, weight, bias, eps, name, slope, skip, a, residual=residual,
+                                    scale=scale, shift=shift, act_weight=act_weight)
 
 
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-class GroupNormAct(nn.Module):
-    """``act(nn.GroupNorm(num_groups, num_channels, eps, affine)(x))`` in one fused op.
+class GroupNormAct(nn.Module, PReLUWeight):
+    """``act(nn.GroupNorm(num_groups, num_channels, eps, affine)(x))`` in one fused op, optionally
+    with a per-(sample, channel) scale / shift and a residual before the activation
+    (``forward(x, residual=, scale=, shift=)``, see :func:`group_norm_act`).
 
     Parameters ``weight`` (γ, ones) and ``bias`` (β, zeros) of shape ``(num_channels,)`` carry
     nn.GroupNorm's names, so state_dicts load either way. ``act`` is a name or a torch activation
-    module (see :func:`group_norm_act`); ``negative_slope`` is LeakyReLU's.
+    module (see :func:`group_norm_act`); ``negative_slope`` is LeakyReLU's. With PReLU
+    (``act="prelu"``: ``prelu_parameters`` slopes of 0.25; ``act=nn.PReLU(...)``: its weight copied)
+    the module owns the slope as the Parameter ``act_weight``, unless :meth:`borrow_act_weight`
+    makes it read the slope of another module (then no state_dict key here; see
+    :class:`fusedskip.activations.PReLUWeight`).
     Input ``[N, C, H, W]``, output of the same shape, dtype and memory layout.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 act: ActArg = "relu", negative_slope: Optional[float] = None, device=None, dtype=None):
+                 act: ActArg = "relu", negative_slope: Optional[float] = None, device=None, dtype=None,
+                 prelu_parameters: int = 1):
         super().__init__()
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels <= 0:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
@@ -269,60 +398,75 @@ class GroupNormAct(nn.Module):
         self.eps = _check_eps(eps)
         self.affine = bool(affine)
         self.act, self.negative_slope = resolve_activation(act, negative_slope)
+        factory = {"device": device, "dtype": dtype}
         if self.affine:
-            factory = {"device": device, "dtype": dtype}
             self.weight = nn.Parameter(torch.ones(num_channels, **factory))
             self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        self._init_act_weight(act, self.act, num_channels, prelu_parameters, factory)
 
     def reset_parameters(self) -> None:
-        """γ = 1, β = 0, as nn.GroupNorm."""
+        """γ = 1, β = 0, as nn.GroupNorm; an owned PReLU slope back to nn.PReLU's 0.25."""
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
+        if self.act_weight is not None:
+            nn.init.constant_(self.act_weight, DEFAULT_PRELU_INIT)
 
     @property
     def act_name(self) -> str:
         """The activation's name (BatchNormAct2d's attribute name for it)."""
         return self.act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        traced = fx_leaf_call(self, x)
+    def forward(self, x: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        traced = fx_leaf_call(self, x, residual=residual, scale=scale, shift=shift)
         if traced is not None:  # torch.fx tracing: one call_module node, like torch's own norms
             return traced
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.num_channels:
             raise ValueError(f"x must have {self.num_channels} channels for this {type(self).__name__}, "
                              f"got {x.shape[1]}")
-        return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.act, self.negative_slope)
+        if isinstance(x, torch.Tensor):
+            x, residual = conform_residual(x, residual)  # broadcast / promote as eager's add would
+        return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.act, self.negative_slope,
+                              residual=residual, scale=scale, shift=shift, act_weight=self.prelu_weight)
 
     def __prepare_scriptable__(self):
         refuse_script(self)  # raises: explicit, names the module and the way out (unconvert)
 
+    def _act_repr(self) -> str:
+        if self.act == "leaky_relu":
+            return f"{self.act}({self.negative_slope})"
+        if self.act == "prelu":
+            weight = self.prelu_weight
+            return f"prelu(num_parameters={weight.numel() if weight is not None else '?'})"
+        return self.act
+
     def extra_repr(self) -> str:
-        act = f"{self.act}({self.negative_slope})" if self.act == "leaky_relu" else self.act
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, act={act}"
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, act={self._act_repr()}"
 
 
 class InstanceNormAct2d(GroupNormAct):
     """``act(nn.InstanceNorm2d(num_features, eps, affine=affine)(x))``: GroupNormAct with one
     group per channel, nn.InstanceNorm2d's arguments and parameter names (``weight``/``bias``
-    when ``affine``). Instance statistics are used in training and eval alike; running
-    statistics (``track_running_stats=True``) are not supported. ``momentum`` is accepted for
-    signature compatibility and unused. Input must be 4-D ``[N, C, H, W]``.
+    when ``affine``), and GroupNormAct's residual / scale / shift / PReLU options. Instance
+    statistics are used in training and eval alike; running statistics
+    (``track_running_stats=True``) are not supported. ``momentum`` is accepted for signature
+    compatibility and unused. Input must be 4-D ``[N, C, H, W]``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = False, track_running_stats: bool = False, act: ActArg = "relu",
-                 negative_slope: Optional[float] = None, device=None, dtype=None):
+                 negative_slope: Optional[float] = None, device=None, dtype=None, prelu_parameters: int = 1):
         if track_running_stats:
             raise ValueError("InstanceNormAct2d does not support track_running_stats=True (running "
                              "statistics); use nn.InstanceNorm2d followed by the activation instead")
-        super().__init__(num_features, num_features, eps, affine, act, negative_slope, device, dtype)
+        super().__init__(num_features, num_features, eps, affine, act, negative_slope, device, dtype,
+                         prelu_parameters)
         self.num_features = num_features
         self.momentum = momentum
 
     def extra_repr(self) -> str:
-        act = f"{self.act}({self.negative_slope})" if self.act == "leaky_relu" else self.act
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, act={act}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, act={self._act_repr()}"

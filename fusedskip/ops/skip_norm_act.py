@@ -88,7 +88,7 @@ class SkipNormAct(nn.Module):
             return self.norm(up, skip, gate)
         n = self.norm
         return group_norm_act(up, n.num_groups, n.weight, n.bias, n.eps, n.act, n.negative_slope,
-                              skip=skip, gate=gate)
+                              skip=skip, gate=gate, act_weight=n.prelu_weight)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, norm={self.norm_kind}"
