@@ -44,7 +44,8 @@ LAUNCH_US = 3.0         # [E] back-to-back kernel-to-kernel time of a launch-bou
 DRIVER_LAUNCH_US = 2.0  # [E] host cost of one Triton C launcher call + cuLaunchKernel (not run by the stub)
 SM_COUNT = 132
 
-OP_CASES = ("gated_skip", "gn_silu", "bn_relu", "bn_relu_eval", "skip_gn_silu", "skip_bn_relu",
+OP_CASES = ("gated_skip", "gn_silu", "bn_relu", "bn_relu_eval", "skip_gn_silu", "skip_bn_relu", "bn_residual_relu",
+            "gn_scale_shift_silu",
             "conv_bn_relu", "conv_gn_silu")
 MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
     "addunet_bn_relu": {},                                                   # gated skip, conv-BN-ReLU

@@ -101,6 +101,22 @@ BYTE_MODEL: Dict[str, Dict[str, PassModel]] = {
         "bwd": PassModel(("dout", "up", "skip"), ("dup", "dskip"), per_element(14),
                          "read dout + read up, skip + write dup + write dskip = 5 passes; ~14 FLOP/elt"),
     },
+    # y = act(BatchNorm(x) + residual), training mode (the last BN of a ResNet block).
+    "batch_norm_residual_act": {
+        "fwd": PassModel(("x", "residual"), ("out",), per_element(7),
+                         "read x + read residual + write out = 3 passes; ~7 FLOP/elt (stats 3, affine 2, add 1, "
+                         "ReLU 1)"),
+        "bwd": PassModel(("x", "residual", "dout"), ("dx", "dresidual"), per_element(12),
+                         "read x + read residual (z recomputed) + read dout + write dx + write dresidual "
+                         "= 5 passes; ~12 FLOP/elt"),
+    },
+    # y = act(GroupNorm(x)·(1 + scale) + shift), per-(n, c) scale/shift (O(N·C), ignored).
+    "group_norm_scale_shift_act": {
+        "fwd": PassModel(("x",), ("out",), per_element(11),
+                         "read x + write out = 2 passes; ~11 FLOP/elt (GN 5, scale/shift 2, SiLU 4)"),
+        "bwd": PassModel(("x", "dout"), ("dx",), per_element(18),
+                         "read x + read dout + write dx = 3 passes (dscale, dshift: O(N·C) sums); ~18 FLOP/elt"),
+    },
     # out = act(norm(conv_k×k(x))), no conv bias, 'same' padding, stride 1.
     "conv_norm_act": {
         "fwd": PassModel(("x", "weight"), ("out",), conv_plus(6, 1),

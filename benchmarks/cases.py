@@ -301,6 +301,67 @@ register(Case(
     byte_model="skip_batch_norm_act"))
 
 
+class ResidualNormAct(nn.Module):
+    """``act(norm(x) + residual)``: eager (norm, add, act modules) or fused (the norm module takes
+    ``residual=``)."""
+
+    def __init__(self, norm: nn.Module, act: Optional[nn.Module] = None):
+        super().__init__()
+        self.norm, self.act = norm, act
+
+    def forward(self, x, residual):
+        if self.act is None:
+            return self.norm(x, residual=residual)
+        return self.act(self.norm(x) + residual)
+
+
+class ScaleShiftNormAct(nn.Module):
+    """``act(norm(x)·(1 + scale) + shift)`` with per-(n, c) scale/shift (diffusers' scale_shift)."""
+
+    def __init__(self, norm: nn.Module, n: int, c: int, act: Optional[nn.Module] = None):
+        super().__init__()
+        self.norm, self.act = norm, act
+        self.scale = nn.Parameter(0.1 * torch.randn(n, c, 1, 1))
+        self.shift = nn.Parameter(0.1 * torch.randn(n, c, 1, 1))
+
+    def forward(self, x):
+        if self.act is None:
+            return self.norm(x, scale=self.scale, shift=self.shift)
+        return self.act(self.norm(x) * (1 + self.scale) + self.shift)
+
+
+def _bn_residual(fused: bool):
+    def impl(shape, dtype, layout, device):
+        from fusedskip import BatchNormAct2d
+        c = shape[1]
+        module = (ResidualNormAct(BatchNormAct2d(c, act="relu")) if fused else
+                  ResidualNormAct(nn.BatchNorm2d(c), nn.ReLU()))
+        return module_impl(module, dtype, layout, device)
+    return impl
+
+
+def _gn_scale_shift(fused: bool):
+    def impl(shape, dtype, layout, device):
+        from fusedskip import GroupNormAct
+        n, c = shape[0], shape[1]
+        module = (ScaleShiftNormAct(GroupNormAct(32, c, act="silu"), n, c) if fused else
+                  ScaleShiftNormAct(nn.GroupNorm(32, c), n, c, nn.SiLU()))
+        return module_impl(module, dtype, layout, device)
+    return impl
+
+
+register(Case(
+    "bn_residual_relu", "op", "BatchNorm2d (training) + residual add + ReLU: relu(BN(x) + r) "
+    "(BatchNormAct2d residual=)",
+    OP_PASSES, always, two_inputs, _bn_residual(True), _bn_residual(False),
+    byte_model="batch_norm_residual_act"))
+
+register(Case(
+    "gn_scale_shift_silu", "op", "GroupNorm(32) → ·(1 + scale) + shift → SiLU, per-(n, c) scale/shift "
+    "(GroupNormAct scale=, shift=)", OP_PASSES, always, one_input, _gn_scale_shift(True), _gn_scale_shift(False),
+    byte_model="group_norm_scale_shift_act"))
+
+
 def _conv_norm_act(norm: str, act: str):
     def fused(shape, dtype, layout, device):
         from fusedskip import ConvNormAct
