@@ -76,3 +76,21 @@ def run_cli(capsys, *argv):
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def spy_launches(monkeypatch, module, names) -> list:
+    """Replace each kernel ``module.<name>`` by a wrapper that records its name at every launch
+    (``kernel[grid](...)``) and then launches it; returns the list the names are appended to."""
+    launches: list = []
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    for name in names:
+        monkeypatch.setattr(module, name, Spy(getattr(module, name), name))
+    return launches

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_input, poisoned_empty
+from helpers import make_input, poisoned_empty, spy_launches
 from test_group_norm_act import check_tensor, force_path, leaf64, make_params, reference64
 from torch import nn
 from torch.nn import functional as F
@@ -290,19 +290,7 @@ def test_deterministic(triton_backend, device, monkeypatch, path):
 def test_no_extra_launches(triton_backend, device, monkeypatch, path, expected):
     """The new operands add no launch and no host-side torch op: d_residual beside dx, d_scale /
     d_shift per (n, c) and the slope's sum in the launches that ran without them."""
-    launches = []
-    for name in {*expected, "_group_norm_act_param_grad_kernel"}:
-        kernel = getattr(gna_kernels, name)
-
-        class Spy:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launches.append(self.name)
-                return self.kernel[grid]
-
-        monkeypatch.setattr(gna_kernels, name, Spy(kernel, name))
+    launches = spy_launches(monkeypatch, gna_kernels, {*expected, "_group_norm_act_param_grad_kernel"})
     shape = (2, 8, 4, 4)
     x = make_input(shape, layout="channels_last", requires_grad=True)
     use_path(monkeypatch, x, 4, path)

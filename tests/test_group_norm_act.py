@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, make_input, poisoned_empty
+from helpers import assert_close, make_input, poisoned_empty, spy_launches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -256,20 +256,9 @@ def test_single_pass_launches(triton_backend, device, monkeypatch):
     """The single-pass design launches one kernel forward and one backward (its last program sums
     dγ, dβ and the gate's gradient), with no torch ops on the host for the gate or the parameters;
     the ticket it counts programs with is back to zero afterwards (the next call reuses it)."""
-    launches = []
-    for name in ("_group_norm_act_fused_kernel", "_group_norm_act_backward_fused_kernel",
-                 "_group_norm_act_param_grad_kernel"):
-        kernel = getattr(gna_kernels, name)
-
-        class Spy:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launches.append(self.name)
-                return self.kernel[grid]
-
-        monkeypatch.setattr(gna_kernels, name, Spy(kernel, name))
+    launches = spy_launches(monkeypatch, gna_kernels, ("_group_norm_act_fused_kernel",
+                                                      "_group_norm_act_backward_fused_kernel",
+                                                      "_group_norm_act_param_grad_kernel"))
     x = make_input((2, 8, 4, 4), layout="channels_last", requires_grad=True)
     skip = make_input((2, 8, 4, 4), layout="channels_last", requires_grad=True)
     w, b = make_params(8, torch.float32, device)
