@@ -325,7 +325,9 @@ def _differences(r: Dict[str, Any]) -> List[str]:
     width = f"t(0.975, {n - 1}) = {st.t975(n - 1):.2f} standard errors" if n > 1 else "undefined: one seed"
     lines += ["", f"{beyond} of {total} paired differences (every metric and Δm% of every configuration) exceed the "
               f"seed spread; the rest are within it (95 % t-interval containing 0). With {n} seed(s) the half-width "
-              f"is {width}: short, small runs separate only large effects.", ""]
+              f"is {width}: short, small runs separate only large effects. With {total} comparisons at the 95 % "
+              f"level about {0.05 * total:.0f} would exceed it by chance alone (no multiple-comparison correction): "
+              "read a single **better**/**worse** as a lead to rerun at more seeds, not a finding.", ""]
     return lines
 
 
