@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -70,3 +71,28 @@ def conform_residual(x: torch.Tensor, residual: Optional[torch.Tensor], *others:
         x = x.to(dtype)
         others = tuple(None if t is None else t.to(dtype) for t in others)
     return (x, residual.to(dtype), *others)
+
+
+def check_residual(x: torch.Tensor, residual) -> None:
+    """A residual added after the norm: x's shape, dtype and device (any strides), or None."""
+    if residual is not None:
+        check_activation("residual", residual)
+        check_same_shape_device_dtype("x", x, "residual", residual)
+
+
+def resolve_prelu_weight(act, name: str, act_weight, channels: int, device) -> Optional[torch.Tensor]:
+    """PReLU's learned slope for an op with activation ``name``: ``act_weight``, else the weight of
+    an ``nn.PReLU`` given as ``act``; 1 or C values on x's device. None for other activations,
+    which must not get one; PReLU must."""
+    if act_weight is None and isinstance(act, nn.PReLU):
+        act_weight = act.weight
+    if name != "prelu":
+        if act_weight is not None:
+            raise ValueError(f"act_weight is PReLU's learned slope: it needs act='prelu' (or nn.PReLU), "
+                             f"got act={name!r}")
+        return None
+    if act_weight is None:
+        raise ValueError("act='prelu' needs its learned slope: it needs act_weight (1 or C values) or "
+                         "act=nn.PReLU(...)")
+    check_per_channel("act_weight", act_weight, channels, device, allow_scalar=True)
+    return act_weight

@@ -18,7 +18,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import backend
-from .._checks import check_activation, check_per_channel, check_same_shape_device_dtype, conform_residual
+from .._checks import (
+    check_activation,
+    check_per_channel,
+    check_residual,
+    conform_residual,
+    resolve_prelu_weight,
+)
 from ..activations import (
     ACTIVATION_IDS,
     DEFAULT_PRELU_INIT,
@@ -88,22 +94,10 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
 
 def _validate_post_norm(x: torch.Tensor, name: str, act: ActArg, residual: Optional[torch.Tensor],
                         act_weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Check the residual (x's shape, dtype and device; any strides) and the PReLU slope; return
-    the slope in use for ``name == "prelu"`` (``act_weight``, or the weight of an nn.PReLU given
-    as ``act``), else None. Shared with fusedskip.distributed; raises before any launch."""
-    if residual is not None:
-        check_activation("residual", residual)
-        check_same_shape_device_dtype("x", x, "residual", residual)
-    if name != "prelu":
-        if act_weight is not None:
-            raise ValueError(f"act_weight is the learned PReLU slope: it needs act='prelu', got act={name!r}")
-        return None
-    if act_weight is None and isinstance(act, nn.PReLU):
-        act_weight = act.weight
-    if act_weight is None:
-        raise ValueError("act='prelu' needs act_weight (the learned slope: a tensor of 1 or C values), got None")
-    check_per_channel("act_weight", act_weight, x.shape[1], x.device, allow_scalar=True)
-    return act_weight
+    """Check the residual and the PReLU slope (:mod:`fusedskip._checks`); return the slope in use
+    for ``name == "prelu"``, else None. Shared with fusedskip.distributed; raises before any launch."""
+    check_residual(x, residual)
+    return resolve_prelu_weight(act, name, act_weight, x.shape[1], x.device)
 
 
 def _act_arg(name: str, slope: float, act_weight: Optional[torch.Tensor]):

@@ -22,8 +22,9 @@ from .._checks import (
     FLOAT_DTYPES,
     check_activation,
     check_per_channel,
-    check_same_shape_device_dtype,
+    check_residual,
     conform_residual,
+    resolve_prelu_weight,
 )
 from ..activations import (
     ACTIVATION_IDS,
@@ -80,13 +81,6 @@ def _check_affine(x: torch.Tensor, weight, bias) -> None:
         check_per_channel("bias", bias, channels, x.device, allow_scalar=False)
 
 
-def _check_residual(x: torch.Tensor, residual) -> None:
-    """The residual added before the activation: x's shape, dtype and device (any strides)."""
-    if residual is not None:
-        check_activation("residual", residual)
-        check_same_shape_device_dtype("x", x, "residual", residual)
-
-
 def _check_per_sample_channel(name: str, t, x: torch.Tensor) -> None:
     """``scale`` / ``shift``: one float value per (sample, channel), [N, C] or [N, C, 1, 1]."""
     if t is None:
@@ -105,22 +99,6 @@ def _check_per_sample_channel(name: str, t, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def _resolve_act_weight(act, name: str, act_weight, channels: int, device) -> Optional[torch.Tensor]:
-    """PReLU's learned slope: ``act_weight``, else the weight of an ``nn.PReLU`` given as ``act``;
-    1 or C values on x's device. Only with PReLU, and PReLU needs it."""
-    if act_weight is None and isinstance(act, nn.PReLU):
-        act_weight = act.weight
-    if name != "prelu":
-        if act_weight is not None:
-            raise ValueError(f"act_weight is PReLU's learned slope: it needs act='prelu' (or nn.PReLU), "
-                             f"got act={name!r}")
-        return None
-    if act_weight is None:
-        raise ValueError("act='prelu' needs its learned slope: pass act_weight (1 or C values) or act=nn.PReLU(...)")
-    check_per_channel("act_weight", act_weight, channels, device, allow_scalar=True)
-    return act_weight
-
-
 # --------------------------------------------------------------------------------------------
 # Reference path: plain PyTorch, differentiated by autograd.
 # --------------------------------------------------------------------------------------------
@@ -135,10 +113,7 @@ def group_norm_act_reference(
     computed in fp32 (fp64 for fp64 inputs) and cast back to x's dtype. Same arguments as
     :func:`group_norm_act`."""
     name, slope = resolve_activation(act, negative_slope)
-    if act_weight is None and isinstance(act, nn.PReLU):
-        act_weight = act.weight
-    if name == "prelu" and act_weight is None:
-        raise ValueError("act='prelu' needs its learned slope: pass act_weight (1 or C values) or act=nn.PReLU(...)")
+    act_weight = resolve_prelu_weight(act, name, act_weight, x.shape[1], x.device)
     acc = acc_dtype(x)
     h = _gated_sum_acc(x, skip, gate)
     if h.numel():
@@ -357,10 +332,10 @@ def group_norm_act(
     eps = _check_eps(eps)
     _check_affine(x, weight, bias)
     a = _skip_gate_tensor(x, skip, gate)
-    _check_residual(x, residual)
+    check_residual(x, residual)
     _check_per_sample_channel("scale", scale, x)
     _check_per_sample_channel("shift", shift, x)
-    act_weight = _resolve_act_weight(act, name, act_weight, x.shape[1], x.device)
+    act_weight = resolve_prelu_weight(act, name, act_weight, x.shape[1], x.device)
     if backend.use_triton(x):
         return GroupNormActFunction.apply(x, weight, bias, skip, a, num_groups, eps, name, slope,
                                           residual, scale, shift, act_weight)
