@@ -19,6 +19,16 @@ command -v "$python" >/dev/null 2>&1 || fail "no '$python' on PATH: fusedskip ne
 "$python" -c 'import venv, ensurepip' 2>/dev/null || fail "'$python' lacks the venv/ensurepip modules (Debian: apt install python3-venv)"
 
 if [ ! -x "$venv/bin/python" ]; then
+    # A new environment takes about 6 GiB (torch's CUDA build and its libraries: 6.1 GiB for the
+    # test extras, 4.7 GiB for the device stack) plus pip's unpacking space: say so before pip
+    # starts rather than fail half-way with ENOSPC. FUSEDSKIP_MIN_FREE_GIB=0 skips the check.
+    need=${FUSEDSKIP_MIN_FREE_GIB:-7}
+    dir=$(realpath -m "$venv")
+    while [ ! -d "$dir" ]; do dir=$(dirname "$dir"); done
+    free=$(df -Pk "$dir" 2>/dev/null | awk 'NR == 2 {print int($4 / 1048576)}')
+    if [ -n "$free" ] && [ "$free" -lt "$need" ]; then
+        fail "only $free GiB free on the disk of $venv; a new environment needs about $need GiB (torch's CUDA build): free space, or set FUSEDSKIP_MIN_FREE_GIB=0 to try anyway"
+    fi
     "$python" -m venv "$venv" || fail "could not create the virtual environment $venv with '$python'"
 fi
 log="$venv/install.log"
