@@ -29,10 +29,14 @@ are recomputed), 2 launches:
      block sums the rows in a fixed order into [K, C] sums and computes the gate gradient
      Σ dx·skip = γ·rstd·(Σdy'·skip − Σdy'/M·Σskip − Σ(dy'·x̂)/M·Σx̂·skip) (training; γ·rstd·Σdy'·skip
      in eval), summed over channels by the last channel block for a scalar gate.
-     dβ = Σ dy', dγ = Σ dy'·x̂.
+     dβ = Σ dy', dγ = Σ dy'·x̂. When the residual needs its gradient it also writes
+     d_residual = dy' (NEED_DRES).
   2. ``_bn_backward_dx_kernel`` (autotuned, elementwise):
      dx = γ·rstd·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) in training (M values per channel), γ·rstd·dy' in
-     eval; d_up = dx, d_skip = a·dx, d_residual = dy'.
+     eval; d_up = dx, d_skip = a·dx, d_residual = dy' when the reduce kernel did not write it
+     (eval without parameter gradients). Given the reduce kernel's d_residual as its gradient
+     (identity activation, no residual) it reads x and dy' only: with a residual the backward
+     moves x, grad, residual in + d_residual out, then x, dy' in + dx out (7 passes, not 8).
 
 Scalars (eps, slope, momentum, 1/M) travel as fp32 (hi, lo) pairs rebuilt in-kernel in the
 accumulation dtype (``common.acc_scalar``): in fp32 that is hi (never promoted to fp64
@@ -304,21 +308,25 @@ def _bn_apply_kernel(
 @triton.jit
 def _bn_backward_reduce_kernel(
     grad_ptr, x_ptr, skip_ptr, gate_ptr, res_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, act_w_ptr,
-    partial_ptr, sums_ptr, gate_pc_ptr, dgate_ptr, ticket_ptr,
+    partial_ptr, sums_ptr, gate_pc_ptr, dgate_ptr, ticket_ptr, dres_ptr,
     C, S, W, num_chunks, S_PER_PROG, num_rows, slope_hi, slope_lo, inv_count_hi, inv_count_lo,
     grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
     res_sn, res_sc, res_sh, res_sw,
+    dres_sn, dres_sc, dres_sh, dres_sw,
     gate_sc, act_w_sc,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_RES: tl.constexpr,
-    GATE_SUMS: tl.constexpr, DGATE: tl.constexpr, SCALAR_GATE: tl.constexpr, TRAINING: tl.constexpr,
+    NEED_DRES: tl.constexpr, GATE_SUMS: tl.constexpr, DGATE: tl.constexpr, SCALAR_GATE: tl.constexpr,
+    TRAINING: tl.constexpr,
     ACT: tl.constexpr, MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Per-channel backward sums, reduced in-kernel: Σdy', Σdy'·x̂, (GATE_SUMS) Σdy'·skip, Σskip,
     Σx̂·skip and (ACT = PRELU) the slope gradient Σ grad·z·[z ≤ 0], with z = x̂·γ + β (+ the
-    residual with HAS_RES) and dy' = grad·act'(z); with DGATE also the gate gradient Σ dx·skip.
+    residual with HAS_RES) and dy' = grad·act'(z); with DGATE also the gate gradient Σ dx·skip; with
+    NEED_DRES it also writes dy' (the residual's gradient) to ``dres``, which the dx kernel then
+    reads in place of grad and the residual (one pass less than recomputing z there).
 
     Grid: (N'·chunks, C-blocks) (``launch.ReducePlan``). Each program writes one row of the
     [K, rows, C] partials and draws a ticket of its channel block; the last one sums the rows in
@@ -327,7 +335,7 @@ def _bn_backward_reduce_kernel(
     [C], which the last channel block — ticket slot C-blocks — sums in channel order into
     ``dgate[0]``). Pointers: grad (any strides), x, skip, gate a, the residual (read only to
     recompute z), mean, rstd, γ, β, the PReLU slope act_w (``act_w_sc`` 0: one slope); partials,
-    sums, gate_pc, dgate, int32 tickets (left at zero)."""
+    sums, gate_pc, dgate, int32 tickets (left at zero), d_residual (any strides)."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(acc_ty)[None, :]
@@ -391,6 +399,13 @@ def _bn_backward_reduce_kernel(
             dyp = tl.where(mask, g * activation_grad(z, ACT, slope), 0.0)
             if ACT == PRELU:
                 acc_ds += tl.where(mask, prelu_slope_grad(g, z), 0.0)
+            if NEED_DRES:  # d_residual = dy'
+                if MERGED_HW:
+                    q_s = n * dres_sn + s * dres_sw
+                else:
+                    q_s = n * dres_sn + (s // W) * dres_sh + (s % W) * dres_sw
+                tl.store(dres_ptr + (q_s[:, None] + (c * dres_sc)[None, :]), dyp.to(dres_ptr.dtype.element_ty),
+                         mask=mask)
         acc_dy += dyp
         acc_dyx += dyp * xc
         if GATE_SUMS:
@@ -722,15 +737,15 @@ def batch_norm_apply(
 
 
 def _reduce_plan(grad, x, skip, gate, residual, weight, bias, act_weight, act: int, slope: float, gate_sums: bool,
-                 dgate: bool, inv_count: float, training: bool):
-    geo = _Geometry(x.shape, [grad, x] + [t for t in (skip, residual) if t is not None])
+                 dgate: bool, inv_count: float, training: bool, dres):
+    geo = _Geometry(x.shape, [grad, x] + [t for t in (skip, residual, dres) if t is not None])
     rp = geo.reduction(x, tile=1024 if gate_sums else 2048)  # five accumulators: half the tile
     block_r, _ = finalize_blocks(rp.rows, rp.block_c)
     args = (geo.c, geo.s, geo.w, rp.chunks, rp.s_per_chunk, rp.rows, *split_fp64(slope), *split_fp64(inv_count),
-            *geo.strides(grad), *geo.strides(x), *geo.strides(skip), *geo.strides(residual),
+            *geo.strides(grad), *geo.strides(x), *geo.strides(skip), *geo.strides(residual), *geo.strides(dres),
             vector_stride(gate), vector_stride(act_weight))
     meta = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SKIP=skip is not None,
-                HAS_RES=residual is not None, GATE_SUMS=gate_sums, DGATE=dgate,
+                HAS_RES=residual is not None, NEED_DRES=dres is not None, GATE_SUMS=gate_sums, DGATE=dgate,
                 SCALAR_GATE=gate is not None and gate.numel() == 1, TRAINING=training, ACT=act,
                 MERGED_HW=geo.merged_hw, INT64=geo.int64, ACC_FP64=acc_dtype(x) == torch.float64,
                 BLOCK_S=rp.block_s, BLOCK_C=rp.block_c, BLOCK_R=block_r, num_warps=rp.num_warps)
@@ -742,24 +757,30 @@ def batch_norm_backward_reduce(
     mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     act: int, slope: float, gate_sums: bool, need_dgate: bool = False, inv_count: float = 0.0,
     training: bool = True, residual: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None,
-    launcher=launch,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(sums, d_gate)``, one launch. ``sums`` [K, C] (accumulation dtype, K = :func:`sum_rows`):
-    Σdy', Σdy'·x̂, with ``gate_sums`` Σdy'·skip, Σskip, Σx̂·skip, and for PReLU (slope ``act_weight``)
-    last the slope gradient Σ grad·z·[z ≤ 0] per channel; dy' = grad·act'(z), z = x̂·γ + β (+
-    ``residual``). With ``need_dgate`` (needs ``gate_sums``) the gate gradient Σ dx·skip in the
-    gate's shape, computed in-kernel from the sums with ``inv_count`` = 1/M (``training``); else
-    None. ``grad`` may have any strides."""
+    need_dres: bool = False, launcher=launch,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(sums, d_gate, d_residual)``, one launch. ``sums`` [K, C] (accumulation dtype, K =
+    :func:`sum_rows`): Σdy', Σdy'·x̂, with ``gate_sums`` Σdy'·skip, Σskip, Σx̂·skip, and for PReLU
+    (slope ``act_weight``) last the slope gradient Σ grad·z·[z ≤ 0] per channel; dy' = grad·act'(z),
+    z = x̂·γ + β (+ ``residual``). With ``need_dgate`` (needs ``gate_sums``) the gate gradient
+    Σ dx·skip in the gate's shape, computed in-kernel from the sums with ``inv_count`` = 1/M
+    (``training``); else None. With ``need_dres`` (needs ``residual``) d_residual = dy' in the
+    residual's layout and dtype, else None: :func:`batch_norm_backward_dx` given it as ``grad``
+    with the identity activation and no residual then needs neither grad nor the residual again.
+    ``grad`` may have any strides."""
     n, c, h, w = x.shape
     k = sum_rows(gate_sums, act)
     acc = acc_dtype(x)
+    need_dres = need_dres and residual is not None
+    dres = empty_like_layout(residual) if need_dres else None
     if x.numel() == 0:
-        return torch.zeros((k, c), dtype=acc, device=x.device), (torch.zeros_like(gate) if need_dgate else None)
+        return (torch.zeros((k, c), dtype=acc, device=x.device), (torch.zeros_like(gate) if need_dgate else None),
+                dres)
     plan, rp = _cached(_REDUCE_PLANS, launcher,
                        (signature(grad, x, skip, gate, residual, weight, bias, act_weight), act, slope, gate_sums,
-                        need_dgate, inv_count, training),
+                        need_dgate, inv_count, training, need_dres),
                        _reduce_plan, grad, x, skip, gate, residual, weight, bias, act_weight, act, slope, gate_sums,
-                       need_dgate, inv_count, training)
+                       need_dgate, inv_count, training, dres)
     partial = torch.empty((k, rp.rows, c), dtype=acc, device=x.device)
     sums = torch.empty((k, c), dtype=acc, device=x.device)
     dgate = torch.empty_like(gate) if need_dgate else None
@@ -770,8 +791,8 @@ def batch_norm_backward_reduce(
                  gate if gate is not None else sums, residual if residual is not None else sums, mean, rstd,
                  weight if weight is not None else sums, bias if bias is not None else sums,
                  act_weight if act_weight is not None else sums, partial,
-                 sums, gate_pc, dgate if need_dgate else sums, ticket)
-    return sums, dgate
+                 sums, gate_pc, dgate if need_dgate else sums, ticket, dres if need_dres else sums)
+    return sums, dgate, dres
 
 
 def _dx_plan(grad, x, skip, gate, residual, weight, bias, act_weight, dx, dskip, dres, inv_count: float,

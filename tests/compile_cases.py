@@ -204,6 +204,12 @@ def cases_batch_norm() -> Cases:
             backward(m(make(shape, dtype, layout, True), residual=make(shape, dtype, layout, res_grad)))
         yield (f"BatchNormAct2d {dtype} {layout} training={training} {act}({slopes}) residual "
                f"grad={res_grad}"), residual_case
+    # Only the residual needs a gradient (frozen norm, x without one): the dx kernel writes it alone.
+    for dtype, layout, training in itertools.product(_dtypes(), LAYOUTS, (True, False)):
+        def residual_only_case(dtype=dtype, layout=layout, training=training):
+            m = BatchNormAct2d(c, act="silu").to(dtype).train(training).requires_grad_(False)
+            backward(m(make(shape, dtype, layout), residual=make(shape, dtype, layout, True)))
+        yield f"BatchNormAct2d {dtype} {layout} training={training} silu residual grad only", residual_only_case
     # Weight only / bias only / neither, as fp32 parameters with any x.
     for dtype, (has_w, has_b), training in itertools.product(
             _dtypes(), ((False, False), (True, False), (False, True)), (True, False)):

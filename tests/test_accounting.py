@@ -29,6 +29,9 @@ DESIGN = {
     "bn_relu": {"fwd": (2, {"x": 2}, 3), "bwd": (2, {"x": 2, "dout": 2}, 5)},
     "skip_gn_silu": {"fwd": (1, {"up": 1, "skip": 1}, 3), "bwd": (1, {"up": 1, "skip": 1, "dout": 1}, 5)},
     "skip_bn_relu": {"fwd": (2, {"up": 2, "skip": 2}, 5), "bwd": (2, {"up": 2, "skip": 2, "dout": 2}, 8)},
+    # relu(BN(x) + r) (x is "up", the residual "skip" here): the residual read once each way; the
+    # reduce kernel writes d_residual = dy', which the dx kernel reads instead of dout and r.
+    "bn_residual_relu": {"fwd": (2, {"up": 2, "skip": 1}, 4), "bwd": (2, {"up": 2, "skip": 1, "dout": 1}, 7)},
 }
 
 

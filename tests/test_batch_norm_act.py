@@ -234,8 +234,8 @@ def test_opcheck():
     ops = torch.ops.fusedskip
     mean, rstd, m2 = ops.batch_norm_act_stats(x, skip, gate, None, None, None, 0.1, 1e-5)
     grad = torch.randn(x.shape)
-    sums, _ = ops.batch_norm_act_backward_reduce(grad, x, skip, gate, mean, rstd, w, b, 3, 0.0, True, True, 1 / 40,
-                                                 True)
+    sums, _, _ = ops.batch_norm_act_backward_reduce(grad, x, skip, gate, mean, rstd, w, b, 3, 0.0, True, True,
+                                                    1 / 40, True)
     samples = [
         (ops.batch_norm_act_stats.default, (x, skip, gate, rm, rv, nbt, 0.1, 1e-5)),
         (ops.batch_norm_act_merge_stats.default, (torch.tensor([40.0, 12.0]), torch.stack([mean, mean + 1]),

@@ -258,13 +258,15 @@ def test_opcheck_residual_prelu():
     ops = torch.ops.fusedskip
     mean, rstd, _ = ops.batch_norm_act_stats(x, None, None, None, None, None, 0.1, 1e-5)
     grad = torch.randn(x.shape)
-    sums, _ = ops.batch_norm_act_backward_reduce(grad, x, None, None, mean, rstd, w, b, 12, 0.0, False, False,
-                                                 1 / 40, True, res, slope)
-    assert sums.shape == (3, 3)
+    sums, _, dres = ops.batch_norm_act_backward_reduce(grad, x, None, None, mean, rstd, w, b, 12, 0.0, False, False,
+                                                       1 / 40, True, res, slope, True)
+    assert sums.shape == (3, 3) and dres.shape == res.shape
     samples = [
         (ops.batch_norm_act_apply.default, (x, None, None, mean, rstd, w, b, False, 1e-5, 12, 0.0, res, slope)),
         (ops.batch_norm_act_backward_reduce.default, (grad, x, None, None, mean, rstd, w, b, 12, 0.0, False, False,
                                                       1 / 40, True, res, slope)),
+        (ops.batch_norm_act_backward_reduce.default, (grad, x, None, None, mean, rstd, w, b, 12, 0.0, False, False,
+                                                      1 / 40, True, res, slope, True)),
         (ops.batch_norm_act_backward_dx.default, (grad, x, None, None, mean, rstd, w, b, sums, 1 / 40, True, 12, 0.0,
                                                   True, False, res, slope, True)),
     ]

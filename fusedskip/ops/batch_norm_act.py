@@ -251,20 +251,23 @@ def batch_norm_act_backward_reduce(
     grad: torch.Tensor, x: torch.Tensor, skip: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     act: int, slope: float, gate_sums: bool, need_dgate: bool, inv_count: float, training: bool,
-    residual: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None, *, launcher,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    sums, dgate = kernels.batch_norm_backward_reduce(grad, x, skip, gate, mean, rstd, weight, bias, act, slope,
-                                                     gate_sums, need_dgate, inv_count, training, residual,
-                                                     act_weight, launcher=launcher)
+    residual: Optional[torch.Tensor] = None, act_weight: Optional[torch.Tensor] = None, need_dres: bool = False,
+    *, launcher,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sums, dgate, dres = kernels.batch_norm_backward_reduce(grad, x, skip, gate, mean, rstd, weight, bias, act, slope,
+                                                           gate_sums, need_dgate, inv_count, training, residual,
+                                                           act_weight, need_dres, launcher=launcher)
     # A gradient not asked for comes back as an empty tensor (custom ops cannot return None).
-    return sums, (dgate if dgate is not None else mean.new_empty(0))
+    return sums, (dgate if dgate is not None else mean.new_empty(0)), (dres if dres is not None else x.new_empty(0))
 
 
 @batch_norm_act_backward_reduce.register_fake
 def _(grad, x, skip, gate, mean, rstd, weight, bias, act, slope, gate_sums, need_dgate, inv_count, training,
-      residual=None, act_weight=None):
+      residual=None, act_weight=None, need_dres=False):
     sums = x.new_empty((kernels.sum_rows(gate_sums, act), x.shape[1]), dtype=acc_dtype(x))
-    return sums, (torch.empty_like(gate) if need_dgate else mean.new_empty(0))
+    dres = (torch.empty_like(residual, memory_format=torch.preserve_format) if need_dres and residual is not None
+            else x.new_empty(0))
+    return sums, (torch.empty_like(gate) if need_dgate else mean.new_empty(0)), dres
 
 
 @register_op("batch_norm_act_backward_dx")
@@ -321,9 +324,11 @@ class BatchNormActFunction(torch.autograd.Function):
     per channel: dβ = Σ dy', dγ = Σ dy'·x̂ (local sums: DDP reduces parameter gradients),
     dx = γ·rstd·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M) with the sums all-reduced under sync (training),
     dx = γ·rstd·dy' (eval); with a skip: d_up = dx, d_skip = a·dx, d_a = Σ dx·skip (in the reduce
-    kernel; from all-reduced sums on the host under sync); d_residual = dy' (written by the dx
-    kernel); PReLU d_slope = Σ dy·z·[z ≤ 0] per channel (a row of the reduce kernel's sums;
-    summed over channels for a single slope; local, like dγ).
+    kernel; from all-reduced sums on the host under sync); d_residual = dy' (written by the reduce
+    kernel, which the dx kernel then reads in place of dy and the residual; by the dx kernel in eval
+    without parameter gradients; dy itself for the identity activation); PReLU d_slope =
+    Σ dy·z·[z ≤ 0] per channel (a row of the reduce kernel's sums; summed over channels for a single
+    slope; local, like dγ).
     """
 
     @staticmethod
@@ -366,22 +371,33 @@ class BatchNormActFunction(torch.autograd.Function):
         sync_dx = training and sync is not None and (need_dx or need_dskip or need_dgate)
         inv_count = 1.0 / max(ctx.count, 1)
         sums = global_sums = dgate = None
+        identity = ctx.act == ACTIVATION_IDS["identity"]
+        dres = grad if need_dres and identity else None  # d act(z)/d residual = grad: nothing to compute
         if (training and (need_dx or need_dskip)) or need_dw or need_db or need_dgate or need_dslope:
             # The gate gradient comes from the kernel, except under sync (it needs the global sums).
-            sums, dgate = _call("backward_reduce", grad, x, skip, gate, mean, rstd, weight, bias, ctx.act, ctx.slope,
-                                bool(need_dgate), bool(need_dgate and not sync_dx), inv_count, training, residual,
-                                act_weight)
+            # d_residual = dy' too when the residual needs it: the dx step then reads dy' instead of
+            # grad and the residual (7 passes, not 8).
+            sums, dgate, dyp = _call("backward_reduce", grad, x, skip, gate, mean, rstd, weight, bias, ctx.act,
+                                     ctx.slope, bool(need_dgate), bool(need_dgate and not sync_dx), inv_count,
+                                     training, residual, act_weight, bool(need_dres and not identity))
+            dres = dyp if need_dres and not identity else dres
             global_sums = sums
             if sync_dx:
                 global_sums = sync.all_reduce_(sums[:2].clone())
                 if need_dgate:
                     dgate = _sync_gate_gradient(sums, global_sums, rstd, weight, gate, inv_count, acc)
-        dx = dskip = dres = None
-        if need_dx or need_dskip or need_dres:
-            dx, dskip, dres = _call("backward_dx", grad, x, skip, gate, mean, rstd, weight, bias,
-                                    global_sums if global_sums is not None else mean.new_zeros(2, x.shape[1]),
-                                    inv_count, training, ctx.act, ctx.slope, bool(need_dx), bool(need_dskip),
-                                    residual, act_weight, bool(need_dres))
+        dx = dskip = None
+        if need_dx or need_dskip or (need_dres and dres is None):
+            sums_dx = global_sums if global_sums is not None else mean.new_zeros(2, x.shape[1])
+            if dres is not None and not identity:  # dy' is in memory: the identity activation on it
+                dx, dskip, _ = _call("backward_dx", dres, x, skip, gate, mean, rstd, weight, bias, sums_dx,
+                                     inv_count, training, ACTIVATION_IDS["identity"], 0.0, bool(need_dx),
+                                     bool(need_dskip), None, None, False)
+            else:
+                dx, dskip, dres_dx = _call("backward_dx", grad, x, skip, gate, mean, rstd, weight, bias, sums_dx,
+                                           inv_count, training, ctx.act, ctx.slope, bool(need_dx), bool(need_dskip),
+                                           residual, act_weight, bool(need_dres and dres is None))
+                dres = dres if dres is not None else dres_dx
         dw = sums[1].to(weight.dtype) if need_dw else None
         db = sums[0].to(bias.dtype) if need_db else None
         dslope = gate_gradient(sums[-1], act_weight) if need_dslope else None  # the PReLU row is the last
