@@ -53,9 +53,11 @@ z = γ ⊙ x̂ + β as above, ``scale``/``shift`` one value per (n, c) (diffuser
 "scale_shift") and ``residual`` a tensor of x's shape (``act(norm(x) + residual)``: MONAI
 UnetResBlock, ResNet blocks). Folded into an effective per-(n, c) affine γ' = γ·(1 + scale),
 β' = β·(1 + scale) + shift, so every formula above holds with γ', β' and u in place of γ, β and z
-(the backward recomputes u, reading the residual again). With du = dy·act'(u), A = Σ_S du·x̂ and
+(the backward recomputes u from x and the residual). With du = dy·act'(u), A = Σ_S du·x̂ and
 B = Σ_S du per (n, c):
-  d_residual = du (written beside dx, by the same kernel),   d_shift = B,   d_scale = γ·A + β·B
+  d_residual = du (single pass: written beside dx; split: written by the reduce pass, and the dx
+  pass reads it in place of dy and the residual, 7 passes instead of 8; the identity activation
+  returns dy itself),   d_shift = B,   d_scale = γ·A + β·B
   (both per (n, c), written in-kernel: the single pass by each program, the split design by its
   finalize kernel),   dγ_c = Σ_n (1 + scale)·A,   dβ_c = Σ_n (1 + scale)·B (the per-(n, c) partials
   are stored pre-multiplied by 1 + scale and summed as before).
@@ -92,7 +94,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .activations import PRELU, activation, activation_grad, prelu_slope_grad
+from .activations import IDENTITY, PRELU, activation, activation_grad, prelu_slope_grad
 from .common import acc_scalar, chunk_program, load_affine, merge_partials, tile_program
 from .launch import (
     FIXED_TILE,
@@ -654,24 +656,26 @@ def _group_norm_act_apply_kernel(
 @triton.jit
 def _group_norm_act_backward_reduce_kernel(
     grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, aw_ptr,
-    mean_ptr, rstd_ptr, psum_dz_ptr, psum_dzx_ptr, pslope_ptr,
+    mean_ptr, rstd_ptr, psum_dz_ptr, psum_dzx_ptr, pslope_ptr, dres_ptr,
     C, S, W, G, CG, num_chunks, S_PER_PROG, slope_hi, slope_lo,
     grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
     skip_sn, skip_sc, skip_sh, skip_sw,
     res_sn, res_sc, res_sh, res_sw,
     gate_sc, weight_sc, bias_sc, scale_sn, scale_sc, shift_sn, shift_sc, aw_sc,
+    dres_sn, dres_sc, dres_sh, dres_sw,
     HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr, NEED_DSLOPE: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    NEED_DRES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Split backward, pass 1: per-channel Σ du and Σ du·x̂ over one S-chunk (du = dy·act'(u),
-    u = x̂·γ' + β' [+ residual]), and PReLU's slope partial Σ dy·u over u ≤ 0.
+    u = x̂·γ' + β' [+ residual]), and PReLU's slope partial Σ dy·u over u ≤ 0; with NEED_DRES it
+    also writes d_residual = du, which pass 3 then reads in place of dy and the residual.
 
     Grid (N · chunks, C-blocks). Pointers: dy, x, skip, res (read); gate / w / b / aw vectors;
     scale / shift per-(n, c) values; mean / rstd [N, G]; psum_dz / psum_dzx / pslope
-    [N · chunks, C] partial outputs."""
+    [N · chunks, C] partial outputs; dres (written, any strides: its strides come last)."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     slope = _act_slope(slope_hi, slope_lo, aw_ptr, c, c_mask, aw_sc, ACT, ACC_FP64)
@@ -686,6 +690,7 @@ def _group_norm_act_backward_reduce_kernel(
     skip_base = n * skip_sn + c[None, :] * skip_sc
     res_base = n * res_sn + c[None, :] * res_sc
     grad_base = n * grad_sn + c[None, :] * grad_sc
+    dres_base = n * dres_sn + c[None, :] * dres_sc
 
     acc_dz = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     acc_dzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
@@ -715,6 +720,9 @@ def _group_norm_act_backward_reduce_kernel(
         acc_dzx += dz * xhat
         if NEED_DSLOPE:
             acc_slope += prelu_slope_grad(dy, u)
+        if NEED_DRES:
+            tl.store(dres_ptr + dres_base + (s_hi * dres_sh + s_lo * dres_sw)[:, None],
+                     dz.to(dres_ptr.dtype.element_ty), mask=mask)
     tl.store(psum_dz_ptr + row * C + c, tl.sum(acc_dz, axis=0), mask=c_mask)
     tl.store(psum_dzx_ptr + row * C + c, tl.sum(acc_dzx, axis=0), mask=c_mask)
     if NEED_DSLOPE:
@@ -774,7 +782,7 @@ def _group_norm_act_backward_finalize_kernel(
 @triton.jit
 def _group_norm_act_backward_dx_kernel(
     grad_ptr, x_ptr, skip_ptr, gate_ptr, weight_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, aw_ptr,
-    mean_ptr, rstd_ptr, m1_ptr, m2_ptr, dx_ptr, dskip_ptr, dres_ptr, pgate_ptr,
+    mean_ptr, rstd_ptr, m1_ptr, m2_ptr, dx_ptr, dskip_ptr, pgate_ptr,
     C, S, W, G, CG, num_chunks, S_PER_PROG, slope_hi, slope_lo,
     grad_sn, grad_sc, grad_sh, grad_sw,
     x_sn, x_sc, x_sh, x_sw,
@@ -782,18 +790,19 @@ def _group_norm_act_backward_dx_kernel(
     res_sn, res_sc, res_sh, res_sw,
     dx_sn, dx_sc, dx_sh, dx_sw,
     dskip_sn, dskip_sc, dskip_sh, dskip_sw,
-    dres_sn, dres_sc, dres_sh, dres_sw,
     gate_sc, weight_sc, bias_sc, scale_sn, scale_sc, shift_sn, shift_sc, aw_sc,
     HAS_SKIP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     MERGED_HW: tl.constexpr, INT64: tl.constexpr, ACC_FP64: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr, NEED_DRES: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, NEED_DGATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Split backward, pass 3: dh = rstd·(γ'·du − m1 − x̂·m2) → dx, d_skip = a·dh, d_residual = du,
-    and per-chunk partials of the gate's gradient Σ dh·skip.
+    """Split backward, pass 3: dh = rstd·(γ'·du − m1 − x̂·m2) → dx, d_skip = a·dh, and per-chunk
+    partials of the gate's gradient Σ dh·skip. du = dy·act'(u), recomputed with the residual (read
+    only for u) — or, when the residual needs its gradient, pass 1's d_residual = du given as dy
+    with the identity activation and no residual.
 
-    Grid (N · chunks, C-blocks). Pointers: dy, x, skip, res (read), dx, dskip, dres (written);
+    Grid (N · chunks, C-blocks). Pointers: dy, x, skip, res (read), dx, dskip (written);
     gate / w / b / aw vectors; scale / shift per-(n, c) values; mean / rstd / m1 / m2 [N, G];
     pgate [N · chunks, C] partial output."""
     row, n, s_begin, c, c_mask = chunk_program(C, num_chunks, S_PER_PROG, BLOCK_C, INT64)
@@ -814,7 +823,6 @@ def _group_norm_act_backward_dx_kernel(
     grad_base = n * grad_sn + c[None, :] * grad_sc
     dx_base = n * dx_sn + c[None, :] * dx_sc
     dskip_base = n * dskip_sn + c[None, :] * dskip_sc
-    dres_base = n * dres_sn + c[None, :] * dres_sc
 
     acc_gate = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     for i in range(0, S_PER_PROG, BLOCK_S):
@@ -845,9 +853,6 @@ def _group_norm_act_backward_dx_kernel(
         if NEED_DSKIP:
             tl.store(dskip_ptr + dskip_base + (s_hi * dskip_sh + s_lo * dskip_sw)[:, None],
                      (a[None, :] * dh).to(dskip_ptr.dtype.element_ty), mask=mask)
-        if NEED_DRES:
-            tl.store(dres_ptr + dres_base + (s_hi * dres_sh + s_lo * dres_sw)[:, None],
-                     dz.to(dres_ptr.dtype.element_ty), mask=mask)
         if NEED_DGATE:
             acc_gate += dh * k  # masked lanes: k = 0
     if NEED_DGATE:
@@ -936,12 +941,14 @@ class Extras(NamedTuple):
 
 class _Plans(NamedTuple):
     """The launches of one call: ``single`` (the single-pass launch) or ``split`` (the split
-    design's three), ``params`` (the split backward's dγ/dβ/gate/slope sums, or None) and ``rows``
-    (rows of the partial buffers, N · chunks; N for the single pass)."""
+    design's three), ``params`` (the split backward's dγ/dβ/gate/slope sums, or None), ``rows``
+    (rows of the partial buffers, N · chunks; N for the single pass) and ``dz_in`` (split
+    backward: the reduce pass writes d_residual = du and the dx pass reads it as its gradient)."""
     single: Optional[Plan]
     split: Tuple[Plan, ...]
     params: Optional[Plan]
     rows: int
+    dz_in: bool = False
 
 
 def _single_meta(tile: GroupTile, cg: int, flags: dict) -> dict:
@@ -1068,7 +1075,7 @@ def _backward_plans(grad, x, weight, bias, skip, gate, g: int, act_id: int, slop
     merged = all_spatial_mergeable(tensors)
     flags = dict(HAS_SKIP=skip is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **ex.flags(),
                  ACT=act_id, MERGED_HW=merged, INT64=needs_int64(*tensors), ACC_FP64=x.dtype == torch.float64)
-    need_flags = dict(NEED_DX=need.dx, NEED_DSKIP=need.dskip, NEED_DGATE=need.dgate, NEED_DRES=need.dres)
+    need_flags = dict(NEED_DX=need.dx, NEED_DSKIP=need.dskip, NEED_DGATE=need.dgate)
     nc_flags = dict(NEED_DSCALE=need.dscale, NEED_DSHIFT=need.dshift)
     vectors = (vector_stride(gate), vector_stride(weight), vector_stride(bias), *ex.strides())
     strides = tuple(st for t in (grad, x, skip, ex.residual) for st in kernel_strides(t, merged))
@@ -1077,19 +1084,31 @@ def _backward_plans(grad, x, weight, bias, skip, gate, g: int, act_id: int, slop
     if tile is not None:  # the parameter sums run in the same launch (its last program)
         args = (n, c, s, ww, g, c // g, *split_fp64(slope), *strides, *out_strides, *vectors)
         block_r, block_pc = finalize_blocks(n, c)
-        meta = _single_meta(tile, c // g, dict(flags, **need_flags, **nc_flags, BLOCK_R=block_r, BLOCK_PC=block_pc,
-                                               **_param_flags(need, gate, ex.act_weight)))
+        meta = _single_meta(tile, c // g, dict(flags, **need_flags, NEED_DRES=need.dres, **nc_flags, BLOCK_R=block_r,
+                                               BLOCK_PC=block_pc, **_param_flags(need, gate, ex.act_weight)))
         return _Plans(Plan((n * g // tile.gp,), args, meta), (), None, n)
     rp = reduce_plan(x)
     block_k, block_cg = finalize_blocks(rp.chunks, c // g)
     tiles = dict(BLOCK_S=rp.block_s, BLOCK_C=rp.block_c, num_warps=rp.num_warps)
-    chunked = (c, s, ww, g, c // g, rp.chunks, rp.s_per_chunk, *split_fp64(slope), *strides)
-    reduce = Plan((rp.rows, rp.c_blocks), (*chunked, *vectors), dict(flags, NEED_DSLOPE=need.dslope, **tiles))
+    chunked = (c, s, ww, g, c // g, rp.chunks, rp.s_per_chunk, *split_fp64(slope))
+    # The residual's gradient du is written by the reduce pass, which computes it anyway; the dx pass
+    # then reads du (identity activation, no residual, no shift) instead of dy and the residual.
+    dz_in = need.dres
+    reduce = Plan((rp.rows, rp.c_blocks), (*chunked, *strides, *vectors, *kernel_strides(outs[2], merged)),
+                  dict(flags, NEED_DSLOPE=need.dslope, NEED_DRES=dz_in, **tiles))
     finalize = Plan((n * g,), (n, c, g, c // g, s, rp.chunks, *vectors[1:5]),  # weight_sc, bias_sc, scale_sn, scale_sc
                     dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=ex.scale is not None,
                          **nc_flags, ACC_FP64=flags["ACC_FP64"], BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=4))
-    dx = Plan((rp.rows, rp.c_blocks), (*chunked, *out_strides, *vectors), dict(flags, **need_flags, **tiles))
-    return _Plans(None, (reduce, finalize, dx), _param_plan(c, n, rp.rows, need, gate, ex.act_weight, flags), rp.rows)
+    dx_out_strides = out_strides[:8]  # dx, dskip
+    if dz_in:
+        dz_strides = tuple(st for t in (outs[2], x, skip, None) for st in kernel_strides(t, merged))
+        dx = Plan((rp.rows, rp.c_blocks), (*chunked, *dz_strides, *dx_out_strides, *vectors),
+                  dict(flags, **need_flags, **tiles, ACT=IDENTITY.value, HAS_RES=False, HAS_SHIFT=False))
+    else:
+        dx = Plan((rp.rows, rp.c_blocks), (*chunked, *strides, *dx_out_strides, *vectors),
+                  dict(flags, **need_flags, **tiles))
+    return _Plans(None, (reduce, finalize, dx), _param_plan(c, n, rp.rows, need, gate, ex.act_weight, flags), rp.rows,
+                  dz_in)
 
 
 def _param_plan(c: int, n: int, rows: int, need: _Need, gate, act_weight, flags: dict) -> Optional[Plan]:
@@ -1131,8 +1150,11 @@ def group_norm_act_backward(
                  need_dshift and shift is not None, need_dslope and act_weight is not None)
     if x.numel() == 0:
         return _empty_grads(x, skip, gate, weight, bias, ex, need)
+    dres = None
+    if act_id == IDENTITY.value:  # d_residual = dy·act'(u) = dy: nothing to compute or copy, nor to read
+        dres, need, ex = grad if need.dres else None, need._replace(dres=False), ex._replace(residual=None)
     if not any(need):
-        return (None,) * len(need)
+        return (None,) * 5 + (dres,) + (None,) * 3
     build = (grad, x, weight, bias, skip, gate, num_groups, act_id, slope, need, ex)
     if launcher is launch.launch:
         key = (signature(grad, x, weight, bias, skip, gate, *ex), num_groups, act_id, slope, need, _state_key())
@@ -1145,7 +1167,7 @@ def group_norm_act_backward(
 
     grads = _Grads(empty_like_layout(x) if need.dx else None, empty_like_layout(skip) if need.dskip else None,
                   new(gate, need.dgate), new(weight, need.dweight), new(bias, need.dbias),
-                  empty_like_layout(residual) if need.dres else None, new(scale, need.dscale),
+                  empty_like_layout(residual) if need.dres else dres, new(scale, need.dscale),
                   new(shift, need.dshift), new(act_weight, need.dslope))
     with device_guard(x):
         _launch_backward(plans, launcher, grad, x, weight, bias, skip, gate, ex, mean, rstd, grads, need)
@@ -1189,11 +1211,12 @@ def _launch_backward(plans: _Plans, launcher, grad, x, weight, bias, skip, gate,
         m2 = torch.empty_like(mean)
         reduce, finalize, dx_plan = plans.split
         launcher(_group_norm_act_backward_reduce_kernel, reduce, grad, x, k, a, w, b, res, sc, sh, aw, mean, rstd,
-                 psum_dz, psum_dzx, pslope)
+                 psum_dz, psum_dzx, pslope, dres_)
         launcher(_group_norm_act_backward_finalize_kernel, finalize, psum_dz, psum_dzx, w, b, sc, sums, m1, m2,
                  dscale_, dshift_)
-        if need.dx or need.dskip or need.dgate or need.dres:
-            launcher(_group_norm_act_backward_dx_kernel, dx_plan, grad, x, k, a, w, b, res, sc, sh, aw,
-                     mean, rstd, m1, m2, dx_, dskip_, dres_, pgate)
+        if need.dx or need.dskip or need.dgate:  # with dz_in: du in place of dy and the residual
+            dy, res_dx = (dres_, mean) if plans.dz_in else (grad, res)
+            launcher(_group_norm_act_backward_dx_kernel, dx_plan, dy, x, k, a, w, b, res_dx, sc, sh, aw,
+                     mean, rstd, m1, m2, dx_, dskip_, pgate)
     if plans.params is not None:
         launcher(_group_norm_act_param_grad_kernel, plans.params, sums, pgate, pslope, dw_, db_, dgate_, dslope_)

@@ -93,15 +93,17 @@ def cases_group_norm() -> Cases:
             backward(group_norm_act(make(shape, dtype, layout, True), groups, w, b, 1e-5, act, 0.2,
                                     skip=skip, gate=gate, act_weight=slope))
         yield f"group_norm_act {dtype} {layout} {act} skip={has_skip}", case
-    # After the norm: residual, per-(n, c) scale / shift (each alone and together), PReLU slopes.
+    # After the norm: residual (with its gradient, or "frozen": without, read only to recompute u),
+    # per-(n, c) scale / shift (each alone and together), PReLU slopes.
     for dtype, layout, (res, scale, shift), (act, slopes) in itertools.product(
-            _dtypes(), LAYOUTS, ((True, False, False), (False, True, False), (False, False, True), (True, True, True)),
+            _dtypes(), LAYOUTS, ((True, False, False), ("frozen", False, False), (False, True, False),
+                                 (False, False, True), (True, True, True)),
             (("silu", 0), ("prelu", 1), ("prelu", c))):
         def post_case(dtype=dtype, layout=layout, res=res, scale=scale, shift=shift, act=act, slopes=slopes):
             n = shape[0]
             backward(group_norm_act(
                 make(shape, dtype, layout, True), groups, torch.rand(c, dtype=dtype, requires_grad=True), None,
-                1e-5, act, residual=make(shape, dtype, layout, True) if res else None,
+                1e-5, act, residual=make(shape, dtype, layout, res is True) if res else None,
                 scale=torch.randn(n, 2 * c, 1, 1, dtype=dtype, requires_grad=True)[:, :c] if scale else None,
                 shift=torch.randn(n, c, dtype=dtype, requires_grad=True) if shift else None,
                 act_weight=torch.rand(slopes, requires_grad=True) if slopes else None))

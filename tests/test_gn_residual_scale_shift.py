@@ -138,6 +138,22 @@ def test_matches_fp64(triton_backend, device, monkeypatch, shape, groups, dtype,
 
 
 @pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("act", ["gelu", "identity"])
+def test_frozen_residual_and_shift(triton_backend, device, monkeypatch, path, act):
+    """A residual (and shift) without gradients: the split dx pass recomputes u from dy and the
+    residual itself; with the residual's gradient wanted it reads pass 1's du instead (above)."""
+    shape = (2, 6, 5, 3)
+    x = make_input(shape, layout="strided", mean=1.0, requires_grad=True)
+    use_path(monkeypatch, x, 3, path)
+    w, b = make_params(6, torch.float32, device)
+    extras = make_extras(shape, torch.float32, device, ("residual", "scale", "shift"), residual_layout="channels_last")
+    extras["residual"].requires_grad_(False)
+    extras["shift"].requires_grad_(False)
+    _, grads, _ = check_case(x, 3, w, b, act, None, extras)
+    assert set(grads) == {"x", "weight", "bias", "scale"}
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
 def test_with_skip_gate_and_every_operand(triton_backend, device, monkeypatch, path):
     """Pre-norm gated skip + residual + scale + shift + PReLU(C) at once; d_scale and d_residual are
     checked against values that the plausible mutants (β·B dropped from d_scale, d_residual = dx
@@ -301,6 +317,47 @@ def test_no_extra_launches(triton_backend, device, monkeypatch, path, expected):
     assert launches == expected
     assert all(t.grad is not None for t in ex.values()) and ex["scale"].grad.shape == ex["scale"].shape
     assert int(launch.tickets(x.device, 1)[0]) == 0
+
+
+@pytest.mark.parametrize("act", ["silu", "identity"])
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_backward_reads_residual_and_grad_once(triton_backend, device, monkeypatch, path, act):
+    """Bytes the backward's kernels load, counted by the instrumented interpreter: dy and the
+    residual once each (the split design's reduce pass writes d_residual = du, which its dx pass
+    reads instead of both), and d_residual is dy itself for the identity activation."""
+    if torch.device(device).type != "cpu":
+        pytest.skip("counts the Triton interpreter's loads")
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import instrument
+
+    instrument.install_interpreter_counters()
+    shape = (2, 8, 4, 4)
+    x = make_input(shape, layout="channels_last", requires_grad=True)
+    use_path(monkeypatch, x, 4, path)
+    w, b = make_params(8, torch.float32, device)
+    ex = make_extras(shape, torch.float32, device, ("residual", "scale"))
+    y = group_norm_act(x, 4, w, b, act=act, **ex)
+    dy = torch.randn_like(y)
+    with instrument.LOG.recording() as launches:
+        y.backward(dy)
+
+    def passes(t, table):
+        return sum(getattr(la, table).get(instrument.storage_key(t), 0) for la in launches) / t.nbytes
+
+    res = ex["residual"]
+    # The identity activation: du = dy, read by both split passes (the minimum there, as without a residual).
+    assert passes(dy, "reads") == pytest.approx(2.0 if path == "split" and act == "identity" else 1.0)
+    assert passes(res, "reads") == pytest.approx(0.0 if act == "identity" else 1.0)
+    assert passes(x, "reads") == pytest.approx(1.0 if path == "single" else 2.0)
+    if act == "identity":  # d_residual is dy: the kernels write dx alone
+        assert torch.equal(res.grad, dy)
+        large = sum(v for la in launches for k, v in la.writes.items() if la.args[k][1] >= x.nbytes)
+        assert large == x.nbytes
+    else:
+        assert passes(res.grad, "writes") == pytest.approx(1.0)
+        assert passes(res.grad, "reads") == pytest.approx(0.0 if path == "single" else 1.0)
 
 
 # --------------------------------------------------------------------------------------------
