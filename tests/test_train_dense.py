@@ -133,6 +133,23 @@ def test_dense_cli_and_errors(tmp_path, capsys):
     assert saved["model_config"]["use_cacm"] and not saved["model_config"]["use_vmsm"]
     assert saved["baselines"]["seg"] == json.loads((single / "metrics.json").read_text())["test"]["seg"]
     assert isinstance(saved["delta_m"], float)
+    # fusedskip eval of the VMSANet checkpoint: the training run's test metrics again (same seeded
+    # noise at the training σ, 25), every task; AddUNet-only options refused by name
+    code, out_text, err = run_cli(capsys, "eval", str(out), "--sigma", "25", "--json", str(tmp_path / "e.json"),
+                                  "--threads", "1", "--backend", "reference")
+    assert code == 0, err
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["tasks"] == list(ALL_TASKS) and set(evaluated["metrics"]) == {"sigma_25"}
+    for task, metrics in saved["test"].items():
+        assert evaluated["metrics"]["sigma_25"][task] == pytest.approx(metrics), task
+    assert "σ=25 seg: miou" in out_text
+    code, out_text, err = run_cli(capsys, "eval", str(single), "--max-images", "8", "--threads", "1")
+    assert code == 0 and "clean inputs seg: miou" in out_text, err
+    for argv, pattern in ((["--gate-value", "0"], "--gate-value applies to AddUNet checkpoints"),
+                          (["--figure", str(tmp_path / "f.png")], "--figure applies to AddUNet"),
+                          (["--dataset", "digits"], "trained on 'multimnist'")):
+        code, _, err = run_cli(capsys, "eval", str(out), *argv)
+        assert code == 2 and pattern in err and "Traceback" not in err, err
 
     def usage(pattern, *argv):
         code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "bad"), *argv, *fast)

@@ -43,6 +43,7 @@ from ..dense_data import DENSE_DATASETS, DenseData, load_dense_dataset
 from ..models import build_model
 from .common import UsageError
 from .config import VMSANET_DEFAULTS, method_weights
+from .distributed import DistInfo
 from .evaluation import evaluate, sample_images
 from .figures import _fmt_gates, save_curves_figure, save_gates_figure, save_samples_figure
 from .tasks import Task, delta_m, task_head
@@ -393,18 +394,24 @@ class DenseProblem:
         return record
 
     @torch.no_grad()
-    def _measure(self, model, split, info, batch_size: int, device) -> Dict[str, Dict[str, float]]:
+    def _measure(self, model, split, info, batch_size: int, device, noise: Optional[Noise] = None,
+                 seed: Optional[int] = None, limit: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+        """Every task's metrics on ``split`` (its first ``limit`` samples), inputs noised with
+        ``noise`` (default: the validation noise) seeded per image by ``seed`` (default: the
+        config's eval_seed) when a task denoises."""
         from .evaluation import unwrap
 
         net = unwrap(model)
         was_training = net.training
         net.eval()
         meters = [t.meter() for t in self.tasks]
+        noise = noise or self.val_noise
+        seed = self.cfg["eval_seed"] if seed is None else seed
+        count = len(split) if limit is None else min(limit, len(split))
         try:
-            for idx in eval_batches(len(split), batch_size, info.rank, info.world):
+            for idx in eval_batches(count, batch_size, info.rank, info.world):
                 clean, targets = split.get(idx)
-                inputs = self.val_noise.eval_noisy(clean, idx.tolist(), self.cfg["eval_seed"]) \
-                    if self.noisy_input else clean
+                inputs = noise.eval_noisy(clean, idx.tolist(), seed) if self.noisy_input else clean
                 outputs = net(inputs.to(device))
                 targets = dict(targets, clean=clean)
                 for t, m in zip(self.tasks, meters):
@@ -429,6 +436,11 @@ class DenseProblem:
 
     def test(self, model, info, batch_size: int, device) -> Dict[str, Any]:
         return self._measure(model, self.data.test, info, batch_size, device)
+
+    def evaluate(self, model, split: str, batch_size: int, device, noise: Optional[Noise] = None,
+                 seed: Optional[int] = None, limit: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+        """``fusedskip eval``: every task's metrics on the named split in this process."""
+        return self._measure(model, getattr(self.data, split), DistInfo(), batch_size, device, noise, seed, limit)
 
     def final_extras(self, model, method, test) -> Dict[str, Any]:
         dm = delta_m(test, self.baselines, self.tasks) if len(self.tasks) > 1 and self.baselines else None
