@@ -114,3 +114,10 @@ def test_study_mtl_end_to_end(tmp_path):
     assert mtl.main(argv[1:], log=logs.append) == 0
     assert (out / "runs" / "mtl__mtan__equal__s0" / "summary.json").stat().st_mtime_ns == mtime  # reused
     assert json.loads((out / "study_mtl.json").read_text())["table"] == report["table"]
+
+
+def test_dwa_note_when_it_cannot_reweight():
+    """DWA needs two epochs of losses before it reweights: the report says so for shorter studies."""
+    assert "exactly as equal weighting" in " ".join(mtl._method_notes({"methods": ["equal", "dwa"], "epochs": 2}))
+    assert mtl._method_notes({"methods": ["equal", "dwa"], "epochs": 3}) == []
+    assert mtl._method_notes({"methods": ["equal", "pcgrad"], "epochs": 1}) == []

@@ -285,7 +285,18 @@ def _settings(r: Dict[str, Any]) -> List[str]:
             "single-task MTAN runs; parameters: all (shared, of which cross-task); s/step: median wall time between "
             "optimiser steps (forward, backward, method, update; runs share the CPU, so compare within this "
             "table only). Differences: paired over seeds, configuration − reference, signed so that positive is "
-            "an improvement, 95 % t-interval; **better** / **worse** when it excludes 0.", ""]
+            "an improvement, 95 % t-interval; **better** / **worse** when it excludes 0.", "",
+            *_method_notes(s)]
+
+
+def _method_notes(settings: Dict[str, Any]) -> List[str]:
+    """Sentences that the settings make true of some methods' rows whatever they measure."""
+    notes = []
+    if "dwa" in settings.get("methods", ()) and settings["epochs"] < 3:
+        notes += [f"DWA keeps equal weights until two epochs of losses are recorded: with {settings['epochs']} "
+                  "epoch(s) it never reweights, so its rows train exactly as equal weighting (expected, not a "
+                  "finding).", ""]
+    return notes
 
 
 def _table(r: Dict[str, Any]) -> List[str]:
