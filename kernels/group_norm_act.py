@@ -56,8 +56,9 @@ UnetResBlock, ResNet blocks). Folded into an effective per-(n, c) affine γ' = �
 (the backward recomputes u from x and the residual). With du = dy·act'(u), A = Σ_S du·x̂ and
 B = Σ_S du per (n, c):
   d_residual = du (single pass: written beside dx; split: written by the reduce pass, and the dx
-  pass reads it in place of dy and the residual, 7 passes instead of 8; the identity activation
-  returns dy itself),   d_shift = B,   d_scale = γ·A + β·B
+  pass reads it in place of dy and the residual, 7 passes instead of 8; for the identity
+  activation the autograd Function returns dy itself and asks the kernels for no d_residual, and
+  then no kernel reads the residual),   d_shift = B,   d_scale = γ·A + β·B
   (both per (n, c), written in-kernel: the single pass by each program, the split design by its
   finalize kernel),   dγ_c = Σ_n (1 + scale)·A,   dβ_c = Σ_n (1 + scale)·B (the per-(n, c) partials
   are stored pre-multiplied by 1 + scale and summed as before).
@@ -1150,11 +1151,10 @@ def group_norm_act_backward(
                  need_dshift and shift is not None, need_dslope and act_weight is not None)
     if x.numel() == 0:
         return _empty_grads(x, skip, gate, weight, bias, ex, need)
-    dres = None
-    if act_id == IDENTITY.value:  # d_residual = dy·act'(u) = dy: nothing to compute or copy, nor to read
-        dres, need, ex = grad if need.dres else None, need._replace(dres=False), ex._replace(residual=None)
+    if act_id == IDENTITY.value and not need.dres:  # u (and so the residual) is not needed: du = dy
+        ex = ex._replace(residual=None)
     if not any(need):
-        return (None,) * 5 + (dres,) + (None,) * 3
+        return (None,) * len(need)
     build = (grad, x, weight, bias, skip, gate, num_groups, act_id, slope, need, ex)
     if launcher is launch.launch:
         key = (signature(grad, x, weight, bias, skip, gate, *ex), num_groups, act_id, slope, need, _state_key())
@@ -1167,7 +1167,7 @@ def group_norm_act_backward(
 
     grads = _Grads(empty_like_layout(x) if need.dx else None, empty_like_layout(skip) if need.dskip else None,
                   new(gate, need.dgate), new(weight, need.dweight), new(bias, need.dbias),
-                  empty_like_layout(residual) if need.dres else dres, new(scale, need.dscale),
+                  empty_like_layout(residual) if need.dres else None, new(scale, need.dscale),
                   new(shift, need.dshift), new(act_weight, need.dslope))
     with device_guard(x):
         _launch_backward(plans, launcher, grad, x, weight, bias, skip, gate, ex, mean, rstd, grads, need)

@@ -252,6 +252,9 @@ class GroupNormActFunction(torch.autograd.Function):
                                                  shift=shift, act_weight=act_weight))
             return grads[:5] + (None,) * 4 + grads[5:]
         need_dx, need_dw, need_db, need_dskip, need_dgate, need_dres, need_dscale, need_dshift, need_dslope = needs
+        # The identity activation: d_residual = dy itself (no kernel writes it, none reads the residual).
+        grad_as_dres = need_dres and ctx.act == "identity"
+        need_dres = need_dres and not grad_as_dres
         if torch.compiler.is_compiling():
             out = torch.ops.fusedskip.group_norm_act_backward(
                 grad, x, weight, bias, skip, gate, mean, rstd, ctx.num_groups, ctx.act, ctx.negative_slope,
@@ -266,7 +269,7 @@ class GroupNormActFunction(torch.autograd.Function):
         dx, dskip, dgate, dw, db, dres, dscale, dshift, dslope = (
             gr if need else None for gr, need in zip(out, (need_dx, need_dskip, need_dgate, need_dw, need_db,
                                                             need_dres, need_dscale, need_dshift, need_dslope)))
-        return dx, dw, db, dskip, dgate, None, None, None, None, dres, dscale, dshift, dslope
+        return dx, dw, db, dskip, dgate, None, None, None, None, grad if grad_as_dres else dres, dscale, dshift, dslope
 
 
 # --------------------------------------------------------------------------------------------
