@@ -94,3 +94,15 @@ def spy_launches(monkeypatch, module, names) -> list:
     for name in names:
         monkeypatch.setattr(module, name, Spy(getattr(module, name), name))
     return launches
+
+
+def fused_twin(norm, fused):
+    """Give the torch ``norm`` a non-trivial affine (γ ∈ [0.5, 1.5], β ∈ [−0.5, 0.5]) and load its
+    state_dict into the fused module ``fused``; returns ``fused``."""
+    import torch
+
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    fused.load_state_dict(norm.state_dict())
+    return fused

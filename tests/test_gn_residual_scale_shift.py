@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_input, poisoned_empty, spy_launches
+from helpers import fused_twin, make_input, poisoned_empty, spy_launches
 from test_group_norm_act import check_tensor, force_path, leaf64, make_params, reference64
 from torch import nn
 from torch.nn import functional as F
@@ -368,11 +368,7 @@ def test_instance_norm_residual_leaky_relu_monai(triton_backend, device):
     InstanceNormAct2d(residual=) vs the torch modules, forward and every gradient."""
     torch.manual_seed(1)
     norm = nn.InstanceNorm2d(6, affine=True).to(device)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
-    fused = InstanceNormAct2d(6, affine=True, act="leaky_relu", negative_slope=0.01).to(device)
-    fused.load_state_dict(norm.state_dict())
+    fused = fused_twin(norm, InstanceNormAct2d(6, affine=True, act="leaky_relu", negative_slope=0.01).to(device))
     x = make_input((2, 6, 5, 4), mean=2.0, requires_grad=True)
     res = make_input((2, 6, 5, 4), mean=-0.5, layout="channels_last", requires_grad=True)
     y = fused(x, residual=res)
@@ -380,14 +376,20 @@ def test_instance_norm_residual_leaky_relu_monai(triton_backend, device):
     norm64.load_state_dict(norm.state_dict())
     x64, res64 = leaf64(x), leaf64(res)
     ref = F.leaky_relu(norm64(x64) + res64, 0.01)
+    _check_forward_backward(y, ref, ((x, x64), (res, res64), (fused.weight, norm64.weight),
+                                     (fused.bias, norm64.bias)))
+    assert "act_weight" not in fused.state_dict()
+
+
+def _check_forward_backward(y, ref, leaves):
+    """y against its float64 reference, then the gradients of each (fused leaf, float64 leaf) pair
+    after one backward of both with the same random dy."""
     check_tensor(y, ref, torch.float32)
     dy = torch.randn_like(y)
     y.backward(dy)
     ref.backward(dy.double())
-    for got, want in ((x.grad, x64.grad), (res.grad, res64.grad), (fused.weight.grad, norm64.weight.grad),
-                      (fused.bias.grad, norm64.bias.grad)):
-        check_tensor(got, want, torch.float32, factor=2.0)
-    assert "act_weight" not in fused.state_dict()
+    for got, want in leaves:
+        check_tensor(got.grad, want.grad, torch.float32, factor=2.0)
 
 
 def test_group_norm_scale_shift_silu_diffusers(triton_backend, device):
@@ -396,11 +398,7 @@ def test_group_norm_scale_shift_silu_diffusers(triton_backend, device):
     gradient flows back through both views."""
     torch.manual_seed(2)
     gn = nn.GroupNorm(4, 8).to(device)
-    with torch.no_grad():
-        gn.weight.uniform_(0.5, 1.5)
-        gn.bias.uniform_(-0.5, 0.5)
-    fused = GroupNormAct(4, 8, act="silu").to(device)
-    fused.load_state_dict(gn.state_dict())
+    fused = fused_twin(gn, GroupNormAct(4, 8, act="silu").to(device))
     h = make_input((2, 8, 4, 5), mean=1.0, layout="channels_last", requires_grad=True)
     temb = (torch.randn(2, 16, 1, 1, device=device) * 0.5).requires_grad_()
     scale, shift = temb.chunk(2, dim=1)
@@ -411,13 +409,7 @@ def test_group_norm_scale_shift_silu_diffusers(triton_backend, device):
     h64, temb64 = leaf64(h), leaf64(temb)
     s64, t64 = temb64.chunk(2, dim=1)
     ref = F.silu(gn64(h64) * (1 + s64) + t64)
-    check_tensor(y, ref, torch.float32)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    ref.backward(dy.double())
-    for got, want in ((h.grad, h64.grad), (temb.grad, temb64.grad), (fused.weight.grad, gn64.weight.grad),
-                      (fused.bias.grad, gn64.bias.grad)):
-        check_tensor(got, want, torch.float32, factor=2.0)
+    _check_forward_backward(y, ref, ((h, h64), (temb, temb64), (fused.weight, gn64.weight), (fused.bias, gn64.bias)))
 
 
 def test_module_prelu_weight_state_dict_and_borrow(triton_backend, device):

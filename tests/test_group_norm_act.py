@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, make_input, poisoned_empty, spy_launches
+from helpers import assert_close, fused_twin, make_input, poisoned_empty, spy_launches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -600,11 +600,7 @@ def test_reference_path(device, act):
 
 def test_state_dict_round_trip_with_group_norm(triton_backend, device):
     gn = nn.GroupNorm(4, 12).to(device)
-    with torch.no_grad():
-        gn.weight.uniform_(0.5, 1.5)
-        gn.bias.uniform_(-0.5, 0.5)
-    fused = GroupNormAct(4, 12, act=nn.GELU(approximate="tanh")).to(device)
-    fused.load_state_dict(gn.state_dict())
+    fused = fused_twin(gn, GroupNormAct(4, 12, act=nn.GELU(approximate="tanh")).to(device))
     x = make_input((2, 12, 3, 5), mean=1.0)
     check_tensor(fused(x), nn.GELU(approximate="tanh")(gn(x)).double(), torch.float32)
     back = nn.GroupNorm(4, 12).to(device)
@@ -616,11 +612,7 @@ def test_state_dict_round_trip_with_group_norm(triton_backend, device):
 
 def test_instance_norm_act(triton_backend, device):
     inorm = nn.InstanceNorm2d(6, affine=True).to(device)
-    with torch.no_grad():
-        inorm.weight.uniform_(0.5, 1.5)
-        inorm.bias.uniform_(-0.5, 0.5)
-    m = InstanceNormAct2d(6, affine=True, act="leaky_relu", negative_slope=0.2).to(device)
-    m.load_state_dict(inorm.state_dict())
+    m = fused_twin(inorm, InstanceNormAct2d(6, affine=True, act="leaky_relu", negative_slope=0.2).to(device))
     x = make_input((2, 6, 4, 3), mean=-1.0)
     check_tensor(m(x), activation_module("leaky_relu", 0.2)(inorm(x)).double(), torch.float32)
     assert InstanceNormAct2d(6).weight is None and not list(InstanceNormAct2d(6).parameters())
